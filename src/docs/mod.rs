@@ -1,0 +1,3 @@
+//! Design notes, shipped as documentation next to the code.
+
+pub mod internals;

@@ -1,0 +1,297 @@
+//! [`ContextGuard`] and [`Snapshot`]: one type each over every backend.
+
+use std::borrow::Borrow;
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+
+use uuid::Uuid;
+
+use crate::context::{Context, ContextType};
+use crate::memory::MemGuard;
+use crate::storage::{Lease, RawSnapshot};
+use crate::sync::Arc;
+use crate::Result;
+
+/// A committed value and its version: what a snapshot shares and what the
+/// engine's cell points to.
+#[derive(Debug)]
+pub(crate) struct Versioned<T> {
+    pub(crate) version: u64,
+    pub(crate) value: T,
+}
+
+/// An exclusive, owned lock on one context, with a private working copy.
+///
+/// * `Deref`/`DerefMut` to `T`. The first mutable access makes the working
+///   copy (in memory: into a recycled allocation when no reader still holds
+///   the previous version); until then the guard reads the committed value.
+/// * [`commit`](Self::commit) publishes the working copy atomically as a
+///   new version; [`rollback`](Self::rollback) or dropping the guard
+///   discards it and releases the lock. Dropping a guard whose value was
+///   mutably borrowed without committing logs a `tracing` warning.
+/// * `'static` and `Send`: hold it across `.await`, move it to another task
+///   or thread.
+#[must_use = "a guard holds the context's lock until it is committed or dropped"]
+pub struct ContextGuard<T: Context> {
+    inner: GuardInner<T>,
+}
+
+enum GuardInner<T: Context> {
+    Memory(MemGuard<T>),
+    Remote(RemoteGuard<T>),
+}
+
+impl<T: Context> ContextGuard<T> {
+    #[inline]
+    pub(crate) fn from_memory(guard: MemGuard<T>) -> Self {
+        Self {
+            inner: GuardInner::Memory(guard),
+        }
+    }
+
+    pub(crate) fn from_remote(guard: RemoteGuard<T>) -> Self {
+        Self {
+            inner: GuardInner::Remote(guard),
+        }
+    }
+
+    /// The version the guard was acquired at (the committed version it
+    /// started from).
+    pub fn version(&self) -> u64 {
+        match &self.inner {
+            GuardInner::Memory(g) => g.version(),
+            GuardInner::Remote(g) => g.version,
+        }
+    }
+
+    /// The context's id.
+    pub fn id(&self) -> Uuid {
+        match &self.inner {
+            GuardInner::Memory(g) => g.id(),
+            GuardInner::Remote(g) => g.id,
+        }
+    }
+
+    /// Publishes the working copy as the context's next version and releases
+    /// the lock. Returns the new version. Committing an unchanged guard still
+    /// publishes a new version.
+    ///
+    /// In memory this completes without suspending. Remote backends fail
+    /// with `LeaseLost` if the lease expired, and then write nothing.
+    ///
+    /// # Cancel safety
+    /// Dropping the future before it completes is a rollback for the
+    /// in-memory engine. For a remote backend the write is atomic: it is
+    /// applied whole or not at all, and the lock is released either way.
+    pub async fn commit(self) -> Result<u64> {
+        match self.inner {
+            GuardInner::Memory(g) => g.commit(),
+            GuardInner::Remote(g) => g.commit().await,
+        }
+    }
+
+    /// [`commit`](Self::commit) for plain threads. For remote backends it
+    /// blocks the calling thread on the backend's I/O; do not call it from
+    /// inside an async task.
+    pub fn commit_blocking(self) -> Result<u64> {
+        match self.inner {
+            GuardInner::Memory(g) => g.commit(),
+            GuardInner::Remote(g) => crate::util::block_on(g.commit()),
+        }
+    }
+
+    /// Discards the working copy and releases the lock, without the warning
+    /// that dropping a changed guard logs.
+    pub fn rollback(self) {
+        match self.inner {
+            GuardInner::Memory(g) => g.rollback(),
+            GuardInner::Remote(mut g) => {
+                g.dirty = false;
+            }
+        }
+    }
+}
+
+impl<T: Context> Deref for ContextGuard<T> {
+    type Target = T;
+
+    #[inline]
+    fn deref(&self) -> &T {
+        match &self.inner {
+            GuardInner::Memory(g) => g,
+            GuardInner::Remote(g) => &g.value,
+        }
+    }
+}
+
+impl<T: Context> DerefMut for ContextGuard<T> {
+    #[inline]
+    fn deref_mut(&mut self) -> &mut T {
+        match &mut self.inner {
+            GuardInner::Memory(g) => g,
+            GuardInner::Remote(g) => {
+                g.dirty = true;
+                &mut g.value
+            }
+        }
+    }
+}
+
+impl<T: Context + fmt::Debug> fmt::Debug for ContextGuard<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ContextGuard")
+            .field("id", &self.id())
+            .field("version", &self.version())
+            .field("value", &**self)
+            .finish()
+    }
+}
+
+/// The remote variant of a guard: the decoded value and the backend's lease.
+pub(crate) struct RemoteGuard<T: Context> {
+    ty: &'static ContextType,
+    id: Uuid,
+    value: T,
+    version: u64,
+    dirty: bool,
+    lease: Option<Box<dyn Lease>>,
+}
+
+impl<T: Context> RemoteGuard<T> {
+    pub(crate) fn new(
+        ty: &'static ContextType,
+        id: Uuid,
+        value: T,
+        version: u64,
+        lease: Box<dyn Lease>,
+    ) -> Self {
+        Self {
+            ty,
+            id,
+            value,
+            version,
+            dirty: false,
+            lease: Some(lease),
+        }
+    }
+
+    fn commit(mut self) -> impl std::future::Future<Output = Result<u64>> + Send + 'static {
+        let lease = self.lease.take();
+        self.dirty = false;
+        let fut = lease.map(|lease| lease.commit(&self.value));
+        let (ty, id) = (self.ty, self.id);
+        async move {
+            match fut {
+                Some(fut) => fut.await,
+                None => Err(ty.lease_lost(id)),
+            }
+        }
+    }
+}
+
+impl<T: Context> Drop for RemoteGuard<T> {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            if self.dirty {
+                warn_uncommitted(self.ty.type_name(), self.id);
+            }
+            lease.release();
+        }
+    }
+}
+
+#[cold]
+pub(crate) fn warn_uncommitted(type_name: &'static str, id: Uuid) {
+    tracing::warn!(
+        context = crate::error::short_type_name(type_name).as_str(),
+        %id,
+        "context guard dropped with uncommitted changes; they were rolled back \
+         (call rollback() to discard on purpose)"
+    );
+}
+
+/// A read-only, consistent view of one committed version of a context.
+///
+/// Shares the committed value (`Arc`), never copies it; cloning is one
+/// reference-count increment. It stays valid however the context changes
+/// later, including deletion.
+pub struct Snapshot<T> {
+    inner: Arc<Versioned<T>>,
+}
+
+impl<T> Snapshot<T> {
+    #[inline]
+    pub(crate) fn from_arc(inner: Arc<Versioned<T>>) -> Self {
+        Self { inner }
+    }
+
+    /// The version this snapshot shows.
+    #[inline]
+    pub fn version(&self) -> u64 {
+        self.inner.version
+    }
+}
+
+impl<T: Context> Snapshot<T> {
+    pub(crate) fn from_raw(ty: &'static ContextType, id: Uuid, raw: RawSnapshot) -> Result<Self> {
+        match raw.0.downcast::<Versioned<T>>() {
+            #[cfg(not(ctxstore_loom))]
+            Ok(inner) => Ok(Self { inner }),
+            #[cfg(ctxstore_loom)]
+            Ok(inner) => Ok(Self {
+                inner: Arc::from_std(inner),
+            }),
+            Err(_) => Err(ty.backend_error(
+                Some(id),
+                crate::error::message("backend returned a snapshot of another type"),
+            )),
+        }
+    }
+
+    /// The value, cloned only if other snapshots still share it.
+    pub fn into_owned(self) -> T {
+        match Arc::try_unwrap(self.inner) {
+            Ok(v) => v.value,
+            Err(shared) => shared.value.clone(),
+        }
+    }
+}
+
+impl<T> Clone for Snapshot<T> {
+    #[inline]
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<T> Deref for Snapshot<T> {
+    type Target = T;
+
+    #[inline]
+    fn deref(&self) -> &T {
+        &self.inner.value
+    }
+}
+
+impl<T> AsRef<T> for Snapshot<T> {
+    fn as_ref(&self) -> &T {
+        &self.inner.value
+    }
+}
+
+impl<T> Borrow<T> for Snapshot<T> {
+    fn borrow(&self) -> &T {
+        &self.inner.value
+    }
+}
+
+impl<T: fmt::Debug> fmt::Debug for Snapshot<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("version", &self.inner.version)
+            .field("value", &self.inner.value)
+            .finish()
+    }
+}

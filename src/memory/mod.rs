@@ -1,0 +1,652 @@
+//! The in-memory engine: a `papaya` table of versioned slots.
+//!
+//! See the crate docs for the guarantees and `docs::internals` for the
+//! protocol. All `unsafe` of the crate lives in this module.
+
+mod guard;
+pub(crate) mod park;
+pub(crate) mod slot;
+mod table;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc as StdArc;
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+pub(crate) use self::guard::MemGuard;
+use self::park::{Enqueue, TryLock, Waiter, GRANTED, KILLED};
+use self::slot::Slot;
+use self::table::Table;
+use crate::context::{Context, ContextType};
+use crate::guard::{ContextGuard, Snapshot};
+use crate::storage::{BoxFuture, ContextStorage, ErasedValue, RawGuard, RawSnapshot, Wait};
+use crate::sync::Arc;
+use crate::Result;
+
+/// The in-process context store: lock-free table, async-aware per-context
+/// locks, wait-free snapshots.
+///
+/// Use it directly (its inherent methods are monomorphized: no boxing on the
+/// hot path) or through `Arc<dyn ContextStorage>`. It is `Send + Sync`;
+/// share it by reference or in an `Arc`.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), ctxstore::ContextError> {
+/// use ctxstore::{Context, InMemoryContextStorage, Uuid};
+///
+/// #[derive(Clone, serde::Serialize, serde::Deserialize)]
+/// struct Progress { done: u64 }
+/// impl Context for Progress {}
+///
+/// let store = InMemoryContextStorage::new();
+/// let id = Uuid::new_v4();
+/// store.store_context(id, Progress { done: 0 }).await?;
+///
+/// let mut p = store.get_context::<Progress>(id).await?;
+/// p.done += 1;
+/// let v = p.commit().await?;
+///
+/// let snap = store.snapshot::<Progress>(id)?; // wait-free, no clone
+/// assert_eq!((snap.done, snap.version()), (1, v));
+/// # Ok(()) }
+/// ```
+pub struct InMemoryContextStorage {
+    table: Table,
+    // Every version a deleted context ever reached is <= this, so a context
+    // re-created under the same key starts above all its old versions.
+    version_floor: AtomicU64,
+}
+
+impl Default for InMemoryContextStorage {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for InMemoryContextStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InMemoryContextStorage")
+            .field("len", &self.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn not_found<T: Context>(id: Uuid) -> crate::ContextError {
+    ContextType::of::<T>().not_found(id)
+}
+
+impl InMemoryContextStorage {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::with_capacity(0)
+    }
+
+    /// An empty store with room for `capacity` contexts before it resizes.
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self {
+            table: Table::with_capacity(capacity),
+            version_floor: AtomicU64::new(0),
+        }
+    }
+
+    /// The number of stored contexts, of all types.
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Whether no context is stored.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    // ---------------------------------------------------------------- reads
+
+    /// A snapshot of the committed value: wait-free, never blocked by a lock
+    /// holder, no clone of the value (it shares the committed version).
+    #[inline]
+    pub fn snapshot<T: Context>(&self, id: Uuid) -> Result<Snapshot<T>> {
+        self.table
+            .with::<T, _>(id, |slot| Snapshot::from_arc(slot.load()))
+            .ok_or_else(|| not_found::<T>(id))
+    }
+
+    /// The async form of [`snapshot`](Self::snapshot) (completes at once).
+    ///
+    /// # Cancel safety
+    /// Reads only.
+    pub async fn get_context_snapshot<T: Context>(&self, id: Uuid) -> Result<Snapshot<T>> {
+        self.snapshot(id)
+    }
+
+    /// Whether a context of type `T` is stored under `id`.
+    pub async fn contains_context<T: Context>(&self, id: Uuid) -> Result<bool> {
+        Ok(self.contains::<T>(id))
+    }
+
+    /// The ids of every context of type `T` (scans the table).
+    pub async fn context_ids<T: Context>(&self) -> Result<Vec<Uuid>> {
+        Ok(self.ids::<T>())
+    }
+
+    pub(crate) fn contains<T: Context>(&self, id: Uuid) -> bool {
+        self.table.contains::<T>(id)
+    }
+
+    pub(crate) fn ids<T: Context>(&self) -> Vec<Uuid> {
+        self.table.ids::<T>()
+    }
+
+    // --------------------------------------------------------------- writes
+
+    /// Stores `value` under `id` (creating or replacing it) and returns the
+    /// new version. Waits for a current holder of the key.
+    ///
+    /// # Cancel safety
+    /// Dropping the future before it completes stores nothing and leaves no
+    /// waiter behind.
+    pub async fn store_context<T: Context>(&self, id: Uuid, value: T) -> Result<u64> {
+        let mut value = value;
+        loop {
+            match self.table.get::<T>(id) {
+                Some(slot) => {
+                    if let Some(slot) = LockSlot::new(slot).await {
+                        return replace_locked(&slot, id, value);
+                    }
+                }
+                None => match self.insert_new(id, value) {
+                    Ok(version) => return Ok(version),
+                    Err(back) => value = back,
+                },
+            }
+        }
+    }
+
+    /// Locks the context for exclusive mutation; parks the task (never spins)
+    /// while another holder has it. Waiters are served in arrival order.
+    ///
+    /// # Cancel safety
+    /// Dropping the future at any point neither leaks the lock nor loses a
+    /// wake-up: a waiter that had just been handed the lock passes it on.
+    pub async fn get_context<T: Context>(&self, id: Uuid) -> Result<ContextGuard<T>> {
+        self.lock_wait::<T>(id).await.map(ContextGuard::from_memory)
+    }
+
+    /// [`get_context`](Self::get_context) bounded by `timeout` (`Timeout`
+    /// after it). A zero timeout never waits. Needs a Tokio runtime with its
+    /// time driver for non-zero timeouts.
+    ///
+    /// # Cancel safety
+    /// As for `get_context`.
+    pub async fn get_context_timeout<T: Context>(
+        &self,
+        id: Uuid,
+        timeout: Duration,
+    ) -> Result<ContextGuard<T>> {
+        self.lock_async::<T>(id, Wait::timeout(timeout))
+            .await
+            .map(ContextGuard::from_memory)
+    }
+
+    /// Locks the context only if it is free at once (`WouldBlock` if held).
+    ///
+    /// # Cancel safety
+    /// Completes at its first poll.
+    pub async fn try_get_context<T: Context>(&self, id: Uuid) -> Result<ContextGuard<T>> {
+        self.try_lock_now::<T>(id).map(ContextGuard::from_memory)
+    }
+
+    /// Locks, applies `f`, commits; returns `f`'s result. A panic in `f`
+    /// commits nothing and releases the lock (the panic propagates).
+    ///
+    /// # Cancel safety
+    /// As for `get_context`; once `f` has run the commit cannot be cut.
+    pub async fn update_context<T: Context, R>(
+        &self,
+        id: Uuid,
+        f: impl FnOnce(&mut T) -> R,
+    ) -> Result<R> {
+        let mut guard = self.lock_wait::<T>(id).await?;
+        let out = f(&mut guard);
+        guard.commit()?;
+        Ok(out)
+    }
+
+    /// Deletes the context, after waiting for a current holder. `NotFound`
+    /// for an unknown id. Tasks queued on the context then re-resolve the key:
+    /// they get `NotFound`, or queue on a context re-created meanwhile.
+    ///
+    /// # Cancel safety
+    /// Dropping the future before it completes deletes nothing.
+    pub async fn delete_context<T: Context>(&self, id: Uuid) -> Result<()> {
+        loop {
+            let slot = self.table.get::<T>(id).ok_or_else(|| not_found::<T>(id))?;
+            if let Some(slot) = LockSlot::new(slot).await {
+                self.unlink_locked(id, &slot);
+                return Ok(());
+            }
+        }
+    }
+
+    // ------------------------------------------------------- plain threads
+
+    /// [`get_context`](Self::get_context) for plain threads: parks the thread.
+    /// Do not call from inside an async task (use `get_context`).
+    pub fn get_context_blocking<T: Context>(&self, id: Uuid) -> Result<ContextGuard<T>> {
+        self.lock_blocking::<T>(id, None)
+            .map(ContextGuard::from_memory)
+    }
+
+    /// [`get_context_blocking`](Self::get_context_blocking) bounded by
+    /// `timeout` (`Timeout` after it).
+    pub fn get_context_timeout_blocking<T: Context>(
+        &self,
+        id: Uuid,
+        timeout: Duration,
+    ) -> Result<ContextGuard<T>> {
+        let deadline = Instant::now().checked_add(timeout).map(|d| (d, timeout));
+        self.lock_blocking::<T>(id, deadline)
+            .map(ContextGuard::from_memory)
+    }
+
+    /// [`try_get_context`](Self::try_get_context) without a future.
+    pub fn try_get_context_blocking<T: Context>(&self, id: Uuid) -> Result<ContextGuard<T>> {
+        self.try_lock_now::<T>(id).map(ContextGuard::from_memory)
+    }
+
+    /// [`store_context`](Self::store_context) for plain threads.
+    pub fn store_context_blocking<T: Context>(&self, id: Uuid, value: T) -> Result<u64> {
+        let mut value = value;
+        loop {
+            match self.table.get::<T>(id) {
+                Some(slot) => {
+                    if lock_slot_blocking(&slot, None) == Blocking::Locked {
+                        return replace_locked(&slot, id, value);
+                    }
+                }
+                None => match self.insert_new(id, value) {
+                    Ok(version) => return Ok(version),
+                    Err(back) => value = back,
+                },
+            }
+        }
+    }
+
+    /// [`update_context`](Self::update_context) for plain threads.
+    pub fn update_context_blocking<T: Context, R>(
+        &self,
+        id: Uuid,
+        f: impl FnOnce(&mut T) -> R,
+    ) -> Result<R> {
+        let mut guard = self.lock_blocking::<T>(id, None)?;
+        let out = f(&mut guard);
+        guard.commit()?;
+        Ok(out)
+    }
+
+    /// [`delete_context`](Self::delete_context) for plain threads.
+    pub fn delete_context_blocking<T: Context>(&self, id: Uuid) -> Result<()> {
+        loop {
+            let slot = self.table.get::<T>(id).ok_or_else(|| not_found::<T>(id))?;
+            if lock_slot_blocking(&slot, None) == Blocking::Locked {
+                self.unlink_locked(id, &slot);
+                return Ok(());
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ internals
+
+    fn insert_new<T: Context>(&self, id: Uuid, value: T) -> std::result::Result<u64, T> {
+        // SeqCst: pairs with the SeqCst `fetch_max` in `unlink_locked`, which
+        // precedes the unlink; a creator that finds the key absent (papaya's
+        // lookup acquires the unlink) sees the deleted context's last version.
+        let version = self.version_floor.load(Ordering::SeqCst) + 1;
+        let slot = StdArc::new(Slot::new(value, version));
+        match self.table.try_insert(id, slot) {
+            Ok(()) => Ok(version),
+            Err(slot) => Err(StdArc::try_unwrap(slot)
+                .ok()
+                .and_then(Slot::into_value)
+                .expect("a slot that was never inserted is unshared")),
+        }
+    }
+
+    fn unlink_locked<T: Context>(&self, id: Uuid, slot: &StdArc<Slot<T>>) {
+        // SeqCst: pairs with the load in `insert_new` (see there).
+        self.version_floor
+            .fetch_max(slot.version(), Ordering::SeqCst);
+        self.table.remove(id, slot);
+        slot.lock.kill();
+    }
+
+    pub(crate) fn try_lock_now<T: Context>(&self, id: Uuid) -> Result<MemGuard<T>> {
+        loop {
+            let slot = self.table.get::<T>(id).ok_or_else(|| not_found::<T>(id))?;
+            match slot.lock.try_lock() {
+                TryLock::Acquired => return Ok(MemGuard::new(slot, id)),
+                TryLock::Held => return Err(ContextType::of::<T>().would_block(id)),
+                TryLock::Dead => continue,
+            }
+        }
+    }
+
+    pub(crate) async fn lock_wait<T: Context>(&self, id: Uuid) -> Result<MemGuard<T>> {
+        loop {
+            let slot = self.table.get::<T>(id).ok_or_else(|| not_found::<T>(id))?;
+            if let Some(slot) = LockSlot::new(slot).await {
+                return Ok(MemGuard::new(slot, id));
+            }
+        }
+    }
+
+    pub(crate) async fn lock_async<T: Context>(&self, id: Uuid, wait: Wait) -> Result<MemGuard<T>> {
+        match wait {
+            Wait::Forever => self.lock_wait(id).await,
+            Wait::Never => self.try_lock_now(id),
+            Wait::Until(deadline, waited) => {
+                let timed_out = || ContextType::of::<T>().timeout(id, waited);
+                if waited.is_zero() || Instant::now() >= deadline {
+                    return self.try_lock_now(id).map_err(|e| {
+                        if e.is_would_block() {
+                            timed_out()
+                        } else {
+                            e
+                        }
+                    });
+                }
+                match tokio::time::timeout_at(deadline.into(), self.lock_wait(id)).await {
+                    Ok(locked) => locked,
+                    Err(_) => Err(timed_out()),
+                }
+            }
+        }
+    }
+
+    fn lock_blocking<T: Context>(
+        &self,
+        id: Uuid,
+        deadline: Option<(Instant, Duration)>,
+    ) -> Result<MemGuard<T>> {
+        loop {
+            let slot = self.table.get::<T>(id).ok_or_else(|| not_found::<T>(id))?;
+            match lock_slot_blocking(&slot, deadline.map(|d| d.0)) {
+                Blocking::Locked => return Ok(MemGuard::new(slot, id)),
+                Blocking::Dead => continue,
+                Blocking::TimedOut => {
+                    return Err(ContextType::of::<T>()
+                        .timeout(id, deadline.map_or(Duration::ZERO, |d| d.1)))
+                }
+            }
+        }
+    }
+}
+
+/// Publishes `value` into a slot the caller has locked, then unlocks it.
+fn replace_locked<T: Context>(slot: &Slot<T>, id: Uuid, value: T) -> Result<u64> {
+    let base = slot.load();
+    // SAFETY: the caller holds the slot's lock.
+    let draft = unsafe { slot.draft_with(value) };
+    // SAFETY: the caller holds the slot's lock.
+    let published = unsafe { slot.publish(base, draft) };
+    slot.lock.unlock();
+    published.map_err(|found| ContextType::of::<T>().conflict(id, found.saturating_sub(1), found))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Blocking {
+    Locked,
+    Dead,
+    TimedOut,
+}
+
+/// Locks `slot` from a plain thread: a short spin with backoff (no barging:
+/// `try_lock` only wins a free lock, and a lock with waiters is never free),
+/// then parks in the FIFO queue.
+pub(crate) fn lock_slot_blocking<T>(slot: &Slot<T>, deadline: Option<Instant>) -> Blocking {
+    match slot.lock.try_lock() {
+        TryLock::Acquired => return Blocking::Locked,
+        TryLock::Dead => return Blocking::Dead,
+        TryLock::Held => {}
+    }
+    #[cfg(not(ctxstore_loom))]
+    {
+        let backoff = crossbeam_utils::Backoff::new();
+        while !backoff.is_completed() {
+            backoff.snooze();
+            match slot.lock.try_lock() {
+                TryLock::Acquired => return Blocking::Locked,
+                TryLock::Dead => return Blocking::Dead,
+                TryLock::Held => {}
+            }
+        }
+    }
+    let waiter = Waiter::for_thread();
+    match slot.lock.enqueue(&waiter) {
+        Enqueue::Acquired => return Blocking::Locked,
+        Enqueue::Dead => return Blocking::Dead,
+        Enqueue::Queued => {}
+    }
+    loop {
+        match waiter.state() {
+            GRANTED => return Blocking::Locked,
+            KILLED => return Blocking::Dead,
+            _ => {}
+        }
+        match deadline {
+            None => crate::sync::park(),
+            Some(deadline) => {
+                let now = Instant::now();
+                if now >= deadline {
+                    if slot.lock.cancel(&waiter) {
+                        return Blocking::Locked;
+                    }
+                    return if waiter.state() == KILLED {
+                        Blocking::Dead
+                    } else {
+                        Blocking::TimedOut
+                    };
+                }
+                crate::sync::park_timeout(deadline - now);
+            }
+        }
+    }
+}
+
+/// Locks one slot from a task. Resolves to the slot, locked, or to `None` if
+/// the slot died (its context was deleted) first.
+///
+/// # Cancel safety
+/// Dropping it while queued takes the waiter out of the queue; if the lock
+/// had already been handed to it, the lock is passed on.
+pub(crate) struct LockSlot<T> {
+    slot: Option<StdArc<Slot<T>>>,
+    waiter: Option<Arc<Waiter>>,
+}
+
+impl<T> LockSlot<T> {
+    pub(crate) fn new(slot: StdArc<Slot<T>>) -> Self {
+        Self {
+            slot: Some(slot),
+            waiter: None,
+        }
+    }
+
+    fn finish(&mut self, locked: bool) -> Poll<Option<StdArc<Slot<T>>>> {
+        self.waiter = None;
+        let slot = self.slot.take();
+        Poll::Ready(if locked { slot } else { None })
+    }
+}
+
+impl<T> Future for LockSlot<T> {
+    type Output = Option<StdArc<Slot<T>>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let slot = this
+            .slot
+            .as_ref()
+            .expect("LockSlot polled after completion");
+        let Some(waiter) = &this.waiter else {
+            match slot.lock.try_lock() {
+                TryLock::Acquired => return this.finish(true),
+                TryLock::Dead => return this.finish(false),
+                TryLock::Held => {}
+            }
+            let waiter = Waiter::for_task();
+            // Register before enqueueing: a hand-off right after the enqueue
+            // then finds the waker.
+            waiter.register(cx.waker());
+            return match slot.lock.enqueue(&waiter) {
+                Enqueue::Acquired => this.finish(true),
+                Enqueue::Dead => this.finish(false),
+                Enqueue::Queued => {
+                    this.waiter = Some(waiter);
+                    Poll::Pending
+                }
+            };
+        };
+        match waiter.state() {
+            GRANTED => return this.finish(true),
+            KILLED => return this.finish(false),
+            _ => {}
+        }
+        waiter.register(cx.waker());
+        // Re-check after registering: a hand-off between the check above and
+        // the registration woke the old waker (or none).
+        match waiter.state() {
+            GRANTED => this.finish(true),
+            KILLED => this.finish(false),
+            _ => Poll::Pending,
+        }
+    }
+}
+
+impl<T> Drop for LockSlot<T> {
+    fn drop(&mut self) {
+        if let (Some(slot), Some(waiter)) = (&self.slot, &self.waiter) {
+            if slot.lock.cancel(waiter) {
+                // We were handed the lock but will never use it: pass it on.
+                slot.lock.unlock();
+            }
+        }
+    }
+}
+
+impl ContextStorage for InMemoryContextStorage {
+    fn store_raw(
+        &self,
+        ty: &'static ContextType,
+        id: Uuid,
+        value: ErasedValue,
+    ) -> BoxFuture<'_, Result<u64>> {
+        (ty.mem.store)(self, id, value)
+    }
+
+    fn lock_raw(
+        &self,
+        ty: &'static ContextType,
+        id: Uuid,
+        wait: Wait,
+    ) -> BoxFuture<'_, Result<RawGuard>> {
+        (ty.mem.lock)(self, id, wait)
+    }
+
+    fn snapshot_raw(
+        &self,
+        ty: &'static ContextType,
+        id: Uuid,
+    ) -> BoxFuture<'_, Result<RawSnapshot>> {
+        Box::pin(std::future::ready((ty.mem.snapshot)(self, id)))
+    }
+
+    fn delete_raw(&self, ty: &'static ContextType, id: Uuid) -> BoxFuture<'_, Result<()>> {
+        (ty.mem.delete)(self, id)
+    }
+
+    fn contains_raw(&self, ty: &'static ContextType, id: Uuid) -> BoxFuture<'_, Result<bool>> {
+        Box::pin(std::future::ready(Ok((ty.mem.contains)(self, id))))
+    }
+
+    fn ids_raw(&self, ty: &'static ContextType) -> BoxFuture<'_, Result<Vec<Uuid>>> {
+        Box::pin(std::future::ready(Ok((ty.mem.ids)(self))))
+    }
+
+    fn backend_name(&self) -> &'static str {
+        "memory"
+    }
+
+    fn as_in_memory(&self) -> Option<&InMemoryContextStorage> {
+        Some(self)
+    }
+}
+
+/// The engine's monomorphized entry points, stored in each type's
+/// [`ContextType`] so the raw (type-erased) interface reaches them.
+pub(crate) mod raw {
+    use super::*;
+
+    pub(crate) fn store<T: Context>(
+        s: &InMemoryContextStorage,
+        id: Uuid,
+        value: ErasedValue,
+    ) -> BoxFuture<'_, Result<u64>> {
+        Box::pin(async move {
+            match value.downcast::<T>() {
+                Ok(value) => s.store_context(id, *value).await,
+                Err(_) => Err(ContextType::of::<T>().backend_error(
+                    Some(id),
+                    crate::error::message("store_raw got a value of another type"),
+                )),
+            }
+        })
+    }
+
+    pub(crate) fn lock<T: Context>(
+        s: &InMemoryContextStorage,
+        id: Uuid,
+        wait: Wait,
+    ) -> BoxFuture<'_, Result<RawGuard>> {
+        Box::pin(async move {
+            let guard = s.lock_async::<T>(id, wait).await?;
+            Ok(RawGuard::Local(Box::new(ContextGuard::from_memory(guard))))
+        })
+    }
+
+    pub(crate) fn snapshot<T: Context>(
+        s: &InMemoryContextStorage,
+        id: Uuid,
+    ) -> Result<RawSnapshot> {
+        #[cfg(not(ctxstore_loom))]
+        let raw = s.table.with::<T, _>(id, |slot| RawSnapshot(slot.load()));
+        #[cfg(ctxstore_loom)]
+        let raw = s.table.with::<T, _>(id, |slot| {
+            let v = slot.load();
+            RawSnapshot::new(crate::guard::Versioned {
+                version: v.version,
+                value: v.value.clone(),
+            })
+        });
+        raw.ok_or_else(|| not_found::<T>(id))
+    }
+
+    pub(crate) fn delete<T: Context>(
+        s: &InMemoryContextStorage,
+        id: Uuid,
+    ) -> BoxFuture<'_, Result<()>> {
+        Box::pin(s.delete_context::<T>(id))
+    }
+
+    pub(crate) fn contains<T: Context>(s: &InMemoryContextStorage, id: Uuid) -> bool {
+        s.contains::<T>(id)
+    }
+
+    pub(crate) fn ids<T: Context>(s: &InMemoryContextStorage) -> Vec<Uuid> {
+        s.ids::<T>()
+    }
+}

@@ -1,0 +1,94 @@
+//! The lock-free map `(TypeId, Uuid) -> Arc<Slot<T>>`.
+
+use std::any::{Any, TypeId};
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use crate::memory::slot::Slot;
+
+type Key = (TypeId, Uuid);
+type Entry = Arc<dyn Any + Send + Sync>;
+
+/// A `papaya::HashMap` of type-erased slots. A key's `TypeId` always matches
+/// the slot's `T`, so the downcasts below cannot fail; they are checked
+/// anyway (no `unsafe` here).
+pub(crate) struct Table {
+    map: papaya::HashMap<Key, Entry, foldhash::fast::RandomState>,
+}
+
+impl Table {
+    pub(crate) fn with_capacity(capacity: usize) -> Self {
+        Self {
+            map: papaya::HashMap::builder()
+                .capacity(capacity)
+                .hasher(foldhash::fast::RandomState::default())
+                .build(),
+        }
+    }
+
+    /// Runs `f` on the slot without touching its reference count.
+    #[inline]
+    pub(crate) fn with<T: 'static + Send + Sync, R>(
+        &self,
+        id: Uuid,
+        f: impl FnOnce(&Slot<T>) -> R,
+    ) -> Option<R> {
+        let map = self.map.pin();
+        let entry = map.get(&(TypeId::of::<T>(), id))?;
+        entry.downcast_ref::<Slot<T>>().map(f)
+    }
+
+    /// An owned handle to the slot.
+    #[inline]
+    pub(crate) fn get<T: 'static + Send + Sync>(&self, id: Uuid) -> Option<Arc<Slot<T>>> {
+        let map = self.map.pin();
+        let entry = map.get(&(TypeId::of::<T>(), id))?;
+        entry.clone().downcast::<Slot<T>>().ok()
+    }
+
+    /// Inserts `slot` if the key is free; gives it back otherwise.
+    pub(crate) fn try_insert<T: 'static + Send + Sync>(
+        &self,
+        id: Uuid,
+        slot: Arc<Slot<T>>,
+    ) -> Result<(), Arc<Slot<T>>> {
+        let map = self.map.pin();
+        let entry: Entry = slot;
+        match map.try_insert((TypeId::of::<T>(), id), entry) {
+            Ok(_) => Ok(()),
+            Err(e) => Err(e
+                .not_inserted
+                .downcast::<Slot<T>>()
+                .expect("entry of the key's type")),
+        }
+    }
+
+    /// Unlinks `slot` if it is still the one stored under the key.
+    pub(crate) fn remove<T: 'static + Send + Sync>(&self, id: Uuid, slot: &Arc<Slot<T>>) {
+        let map = self.map.pin();
+        let target = Arc::as_ptr(slot) as *const ();
+        let _ = map.remove_if(&(TypeId::of::<T>(), id), |_, entry| {
+            Arc::as_ptr(entry) as *const () == target
+        });
+    }
+
+    pub(crate) fn contains<T: 'static>(&self, id: Uuid) -> bool {
+        self.map.pin().contains_key(&(TypeId::of::<T>(), id))
+    }
+
+    /// Every id of type `T` (a scan of the whole table).
+    pub(crate) fn ids<T: 'static>(&self) -> Vec<Uuid> {
+        let ty = TypeId::of::<T>();
+        self.map
+            .pin()
+            .keys()
+            .filter(|(t, _)| *t == ty)
+            .map(|(_, id)| *id)
+            .collect()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
+}

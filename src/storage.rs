@@ -1,0 +1,311 @@
+//! [`ContextStorage`], the object-safe interface every backend implements,
+//! and [`ContextStorageExt`], the typed methods users call.
+
+use std::any::Any;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+use crate::context::{Context, ContextType};
+use crate::guard::{ContextGuard, RemoteGuard, Snapshot, Versioned};
+use crate::{InMemoryContextStorage, Result};
+
+/// A boxed, `Send` future: what the object-safe interface returns.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A context value with its type erased (`Box<T>` for some `T: Context`).
+pub type ErasedValue = Box<dyn Any + Send + Sync>;
+
+/// How long an acquisition may wait for the current holder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// Wait as long as it takes.
+    Forever,
+    /// Do not wait: fail with `WouldBlock` if the context is held.
+    Never,
+    /// Wait until this instant, then fail with `Timeout` (carrying the
+    /// duration the caller asked for).
+    Until(Instant, Duration),
+}
+
+impl Wait {
+    /// A bounded wait of `timeout` from now.
+    pub fn timeout(timeout: Duration) -> Self {
+        match Instant::now().checked_add(timeout) {
+            Some(deadline) => Wait::Until(deadline, timeout),
+            // Too far in the future to represent: the same as forever.
+            None => Wait::Forever,
+        }
+    }
+}
+
+/// A committed value with its type erased: an `Arc` of the version and value
+/// that [`Snapshot`] shares (build one with [`ContextType::decode_snapshot`]).
+pub struct RawSnapshot(pub(crate) std::sync::Arc<dyn Any + Send + Sync>);
+
+impl RawSnapshot {
+    pub(crate) fn new<T: Context>(v: Versioned<T>) -> Self {
+        RawSnapshot(std::sync::Arc::new(v))
+    }
+}
+
+/// What a backend's `lock_raw` hands back.
+pub enum RawGuard {
+    /// An in-process guard, already typed: a boxed `ContextGuard<T>`.
+    Local(Box<dyn Any + Send>),
+    /// A remote lock: the value as read, its version, and the lease that
+    /// commits or releases it.
+    Remote {
+        /// The committed value at acquisition (a `Box<T>`).
+        value: ErasedValue,
+        /// Its version.
+        version: u64,
+        /// Commits or releases the lock.
+        lease: Box<dyn Lease>,
+    },
+}
+
+/// A held remote lock. Dropping it without `commit` must release the lock
+/// promptly and without blocking (spawn the release if it needs I/O).
+pub trait Lease: Send + 'static {
+    /// Publishes `value` (a `&T` of the guard's type) as the next version if
+    /// the lock is still ours, then releases it. Returns the new version.
+    /// The backend encodes `value` before this returns; the future owns
+    /// everything it needs.
+    fn commit(self: Box<Self>, value: &(dyn Any + Send + Sync)) -> BoxFuture<'static, Result<u64>>;
+
+    /// Releases the lock without writing (rollback).
+    fn release(self: Box<Self>);
+}
+
+/// The object-safe storage interface (`Arc<dyn ContextStorage>` works).
+///
+/// Backends implement these type-erased methods; users call the typed
+/// methods of [`ContextStorageExt`], which every `ContextStorage` (sized or
+/// not) has. Each method takes the type's [`ContextType`] descriptor, whose
+/// `encode`/`decode` let a remote backend serialize without generics.
+pub trait ContextStorage: Send + Sync + 'static {
+    /// Stores `value` (a `Box<T>`), waiting for a holder of the key if there
+    /// is one; returns the new version.
+    fn store_raw(
+        &self,
+        ty: &'static ContextType,
+        id: Uuid,
+        value: ErasedValue,
+    ) -> BoxFuture<'_, Result<u64>>;
+
+    /// Acquires the key's lock, waiting as `wait` allows.
+    fn lock_raw(
+        &self,
+        ty: &'static ContextType,
+        id: Uuid,
+        wait: Wait,
+    ) -> BoxFuture<'_, Result<RawGuard>>;
+
+    /// Reads the committed value without waiting for a holder.
+    fn snapshot_raw(
+        &self,
+        ty: &'static ContextType,
+        id: Uuid,
+    ) -> BoxFuture<'_, Result<RawSnapshot>>;
+
+    /// Deletes the context, waiting for a holder first.
+    fn delete_raw(&self, ty: &'static ContextType, id: Uuid) -> BoxFuture<'_, Result<()>>;
+
+    /// Whether a context of this type is stored under `id`.
+    fn contains_raw(&self, ty: &'static ContextType, id: Uuid) -> BoxFuture<'_, Result<bool>>;
+
+    /// The ids of every context of this type.
+    fn ids_raw(&self, ty: &'static ContextType) -> BoxFuture<'_, Result<Vec<Uuid>>>;
+
+    /// A short name of the backend, for logs (`"memory"`, `"redis"`...).
+    fn backend_name(&self) -> &'static str;
+
+    /// The in-memory engine behind this storage, if it is one. The typed
+    /// methods use it to skip type erasure and boxing entirely.
+    #[doc(hidden)]
+    fn as_in_memory(&self) -> Option<&InMemoryContextStorage> {
+        None
+    }
+}
+
+/// The typed API, for every [`ContextStorage`] (including
+/// `dyn ContextStorage`). Every returned future is `Send`.
+///
+/// [`InMemoryContextStorage`] has inherent methods of the same names, which
+/// take precedence when it is used directly; through `dyn ContextStorage`
+/// these methods reach the same engine without boxing any value.
+pub trait ContextStorageExt: ContextStorage {
+    /// Stores `value` under `id`, creating or replacing the context, and
+    /// returns its new version. Waits for a current holder of the key.
+    ///
+    /// # Cancel safety
+    /// Dropping the future before it completes stores nothing.
+    fn store_context<T: Context>(
+        &self,
+        id: Uuid,
+        value: T,
+    ) -> impl Future<Output = Result<u64>> + Send + '_ {
+        async move {
+            if let Some(memory) = self.as_in_memory() {
+                return memory.store_context(id, value).await;
+            }
+            self.store_raw(ContextType::of::<T>(), id, Box::new(value))
+                .await
+        }
+    }
+
+    /// Locks the context for exclusive mutation, waiting (parked, not
+    /// spinning) for a current holder.
+    ///
+    /// # Cancel safety
+    /// Dropping the future never leaks the lock or loses a wake-up: a
+    /// waiter that was handed the lock passes it on.
+    fn get_context<T: Context>(
+        &self,
+        id: Uuid,
+    ) -> impl Future<Output = Result<ContextGuard<T>>> + Send + '_ {
+        lock_typed(self, id, Wait::Forever)
+    }
+
+    /// Like [`get_context`](Self::get_context), failing with `Timeout` after
+    /// `timeout`. A zero timeout fails at once if the context is held.
+    ///
+    /// # Cancel safety
+    /// As for `get_context`.
+    fn get_context_timeout<T: Context>(
+        &self,
+        id: Uuid,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<ContextGuard<T>>> + Send + '_ {
+        lock_typed(self, id, Wait::timeout(timeout))
+    }
+
+    /// Locks the context only if nobody holds it (`WouldBlock` otherwise).
+    ///
+    /// # Cancel safety
+    /// As for `get_context`.
+    fn try_get_context<T: Context>(
+        &self,
+        id: Uuid,
+    ) -> impl Future<Output = Result<ContextGuard<T>>> + Send + '_ {
+        lock_typed(self, id, Wait::Never)
+    }
+
+    /// A read-only view of the committed value. Never waits for a holder.
+    ///
+    /// # Cancel safety
+    /// Reads only; safe to drop at any point.
+    fn get_context_snapshot<T: Context>(
+        &self,
+        id: Uuid,
+    ) -> impl Future<Output = Result<Snapshot<T>>> + Send + '_ {
+        async move {
+            if let Some(memory) = self.as_in_memory() {
+                return memory.snapshot(id);
+            }
+            let ty = ContextType::of::<T>();
+            let raw = self.snapshot_raw(ty, id).await?;
+            Snapshot::from_raw(ty, id, raw)
+        }
+    }
+
+    /// Locks the context, applies `f` to it and commits; returns what `f`
+    /// returned. A panic in `f` commits nothing and releases the lock.
+    ///
+    /// # Cancel safety
+    /// Dropping the future before `f` ran changes nothing; `f` runs
+    /// synchronously, so once it runs the commit is not interrupted by the
+    /// caller (a remote commit may still be cut short, in which case it is
+    /// either applied whole or not at all).
+    fn update_context<T, R, F>(&self, id: Uuid, f: F) -> impl Future<Output = Result<R>> + Send + '_
+    where
+        T: Context,
+        R: Send + 'static,
+        F: FnOnce(&mut T) -> R + Send + 'static,
+    {
+        async move {
+            let mut guard = self.get_context::<T>(id).await?;
+            let out = f(&mut guard);
+            guard.commit().await?;
+            Ok(out)
+        }
+    }
+
+    /// Deletes the context, waiting for a current holder first. `NotFound`
+    /// for an unknown id.
+    ///
+    /// # Cancel safety
+    /// Dropping the future before it completes deletes nothing.
+    fn delete_context<T: Context>(&self, id: Uuid) -> impl Future<Output = Result<()>> + Send + '_ {
+        async move {
+            if let Some(memory) = self.as_in_memory() {
+                return memory.delete_context::<T>(id).await;
+            }
+            self.delete_raw(ContextType::of::<T>(), id).await
+        }
+    }
+
+    /// Whether a context of type `T` is stored under `id`.
+    fn contains_context<T: Context>(
+        &self,
+        id: Uuid,
+    ) -> impl Future<Output = Result<bool>> + Send + '_ {
+        async move {
+            if let Some(memory) = self.as_in_memory() {
+                return Ok(memory.contains::<T>(id));
+            }
+            self.contains_raw(ContextType::of::<T>(), id).await
+        }
+    }
+
+    /// The ids of every stored context of type `T`, in no particular order.
+    fn context_ids<T: Context>(&self) -> impl Future<Output = Result<Vec<Uuid>>> + Send + '_ {
+        async move {
+            if let Some(memory) = self.as_in_memory() {
+                return Ok(memory.ids::<T>());
+            }
+            self.ids_raw(ContextType::of::<T>()).await
+        }
+    }
+}
+
+impl<S: ContextStorage + ?Sized> ContextStorageExt for S {}
+
+async fn lock_typed<S, T>(storage: &S, id: Uuid, wait: Wait) -> Result<ContextGuard<T>>
+where
+    S: ContextStorage + ?Sized,
+    T: Context,
+{
+    if let Some(memory) = storage.as_in_memory() {
+        return memory
+            .lock_async::<T>(id, wait)
+            .await
+            .map(ContextGuard::from_memory);
+    }
+    let ty = ContextType::of::<T>();
+    match storage.lock_raw(ty, id, wait).await? {
+        RawGuard::Local(boxed) => match boxed.downcast::<ContextGuard<T>>() {
+            Ok(guard) => Ok(*guard),
+            Err(_) => Err(ty.backend_error(
+                Some(id),
+                crate::error::message("backend returned a guard of another type"),
+            )),
+        },
+        RawGuard::Remote {
+            value,
+            version,
+            lease,
+        } => match value.downcast::<T>() {
+            Ok(value) => Ok(ContextGuard::from_remote(RemoteGuard::new(
+                ty, id, *value, version, lease,
+            ))),
+            Err(_) => Err(ty.backend_error(
+                Some(id),
+                crate::error::message("backend returned a value of another type"),
+            )),
+        },
+    }
+}
