@@ -108,12 +108,205 @@ pub use storage::{
 pub use uuid::Uuid;
 
 /// Internals exposed only for the loom models in `loom-tests/`.
+///
+/// The engine's protocol types are `pub(crate)`, so they cannot be
+/// re-exported; this is a thin safe facade over them instead. Every method
+/// forwards to the engine's own code path (`RawLock`, `Slot`, `LockSlot`,
+/// `lock_slot_blocking`, `MemGuard`) and adds no synchronization of its own.
 #[cfg(ctxstore_loom)]
 #[doc(hidden)]
+#[allow(missing_docs)]
 pub mod __loom {
-    pub use crate::memory::park::{
-        Enqueue, RawLock, TryLock, Waiter, CANCELLED, GRANTED, KILLED, WAITING,
-    };
-    pub use crate::memory::slot::{Draft, Slot};
-    pub use crate::memory::{lock_slot_blocking, Blocking, LockSlot};
+    use std::future::Future;
+    use std::ops::{Deref, DerefMut};
+    use std::pin::Pin;
+    use std::sync::Arc as StdArc;
+    use std::task::{Context as TaskContext, Poll};
+    use std::time::Instant;
+
+    use crate::memory::park::TryLock;
+    use crate::memory::slot::Slot as RawSlot;
+    use crate::memory::{lock_slot_blocking, Blocking, LockSlot, MemGuard};
+    use crate::{Context, Result, Uuid};
+
+    /// Why an acquisition did not get the lock.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Refused {
+        /// `try_lock`: somebody holds it.
+        Held,
+        /// The slot was killed (its context deleted).
+        Dead,
+        /// A timed wait gave up.
+        TimedOut,
+    }
+
+    /// A shared slot, as the table hands it out.
+    pub struct Slot<T>(StdArc<RawSlot<T>>);
+
+    impl<T> Clone for Slot<T> {
+        fn clone(&self) -> Self {
+            Self(self.0.clone())
+        }
+    }
+
+    impl<T: Context> Slot<T> {
+        /// A free slot holding `value` at `version`.
+        pub fn new(value: T, version: u64) -> Self {
+            Self(StdArc::new(RawSlot::new(value, version)))
+        }
+
+        /// A slot created already locked by the caller.
+        pub fn new_locked(value: T, version: u64) -> (Self, Locked<T>) {
+            let slot = StdArc::new(RawSlot::new_locked(value, version));
+            (Self(slot.clone()), Locked(Some(slot)))
+        }
+
+        /// The committed `(version, value)`, as a snapshot reads it.
+        pub fn load(&self) -> (u64, T) {
+            let v = self.0.load();
+            (v.version, v.value.clone())
+        }
+
+        /// The committed version, as `Slot::version` reads it.
+        pub fn version(&self) -> u64 {
+            self.0.version()
+        }
+
+        pub fn is_locked(&self) -> bool {
+            self.0.lock.is_locked()
+        }
+
+        pub fn is_dead(&self) -> bool {
+            self.0.lock.is_dead()
+        }
+
+        /// `RawLock::try_lock`: one CAS, never queues.
+        pub fn try_lock(&self) -> std::result::Result<Locked<T>, Refused> {
+            match self.0.lock.try_lock() {
+                TryLock::Acquired => Ok(Locked(Some(self.0.clone()))),
+                TryLock::Held => Err(Refused::Held),
+                TryLock::Dead => Err(Refused::Dead),
+            }
+        }
+
+        /// The task path: the engine's `LockSlot` future.
+        pub fn lock(&self) -> Lock<T> {
+            Lock(LockSlot::new(self.0.clone()))
+        }
+
+        /// The thread path: `lock_slot_blocking` without a deadline.
+        pub fn lock_blocking(&self) -> std::result::Result<Locked<T>, Refused> {
+            self.blocking(None)
+        }
+
+        /// `lock_slot_blocking` with a deadline that has already passed when
+        /// the waiter first checks it: it queues (if the lock is held), then
+        /// times out and cancels, racing whatever hand-off is in flight.
+        pub fn lock_timeout_expired(&self) -> std::result::Result<Locked<T>, Refused> {
+            self.blocking(Some(Instant::now()))
+        }
+
+        fn blocking(&self, deadline: Option<Instant>) -> std::result::Result<Locked<T>, Refused> {
+            match lock_slot_blocking(&self.0, deadline) {
+                Blocking::Locked => Ok(Locked(Some(self.0.clone()))),
+                Blocking::Dead => Err(Refused::Dead),
+                Blocking::TimedOut => Err(Refused::TimedOut),
+            }
+        }
+    }
+
+    /// The engine's `LockSlot` future. Dropping it is the engine's
+    /// cancellation path.
+    pub struct Lock<T>(LockSlot<T>);
+
+    impl<T> Future for Lock<T> {
+        /// `None`: the slot died first.
+        type Output = Option<Locked<T>>;
+
+        fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+            Pin::new(&mut self.0)
+                .poll(cx)
+                .map(|slot| slot.map(|s| Locked(Some(s))))
+        }
+    }
+
+    /// A held lock on a slot, not yet turned into a guard. Dropping it
+    /// unlocks.
+    pub struct Locked<T>(Option<StdArc<RawSlot<T>>>);
+
+    impl<T: Context> Locked<T> {
+        fn take(mut self) -> StdArc<RawSlot<T>> {
+            self.0
+                .take()
+                .expect("a Locked holds its slot until consumed")
+        }
+
+        /// The guard path (`get_context`): a `MemGuard` owning this lock.
+        pub fn guard(self) -> Guard<T> {
+            Guard(MemGuard::new(self.take(), Uuid::nil()))
+        }
+
+        /// The `store_context` path on an existing slot: the same steps as
+        /// the engine's `replace_locked` (load, `draft_with`, `publish`,
+        /// unlock). Returns the new version, or `Err(found)`.
+        pub fn store(self, value: T) -> std::result::Result<u64, u64> {
+            let slot = self.take();
+            let base = slot.load();
+            // SAFETY: `self` held the slot's lock; it is still held.
+            let draft = unsafe { slot.draft_with(value) };
+            // SAFETY: as above.
+            let published = unsafe { slot.publish(base, draft) };
+            slot.lock.unlock();
+            published
+        }
+
+        /// The `delete_context` path: kill the lock (never released again).
+        pub fn delete(self) {
+            self.take().lock.kill();
+        }
+
+        /// Releases the lock (the same as dropping it).
+        pub fn unlock(self) {}
+    }
+
+    impl<T> Drop for Locked<T> {
+        fn drop(&mut self) {
+            if let Some(slot) = self.0.take() {
+                slot.lock.unlock();
+            }
+        }
+    }
+
+    /// The engine's guard (`MemGuard`): draft on first write, commit by
+    /// version compare-and-swap, roll back and unlock on drop.
+    pub struct Guard<T: Context>(MemGuard<T>);
+
+    impl<T: Context> Guard<T> {
+        /// The version the guard started from.
+        pub fn version(&self) -> u64 {
+            self.0.version()
+        }
+
+        pub fn commit(self) -> Result<u64> {
+            self.0.commit()
+        }
+
+        pub fn rollback(self) {
+            self.0.rollback()
+        }
+    }
+
+    impl<T: Context> Deref for Guard<T> {
+        type Target = T;
+
+        fn deref(&self) -> &T {
+            &self.0
+        }
+    }
+
+    impl<T: Context> DerefMut for Guard<T> {
+        fn deref_mut(&mut self) -> &mut T {
+            &mut self.0
+        }
+    }
 }

@@ -1,0 +1,435 @@
+//! Loom models of the slot protocol: the lock word (`LOCKED|QUEUED|DEAD`),
+//! the FIFO hand-off queue, waiter cancellation, kill (delete), and the
+//! version compare-and-swap at commit.
+//!
+//! They drive the engine's own code paths through `ctxstore::__loom` (a thin
+//! facade over `RawLock`, `Slot`, `LockSlot`, `lock_slot_blocking` and
+//! `MemGuard`); the papaya table is outside the models.
+//!
+//! Run: `RUSTFLAGS="--cfg ctxstore_loom" LOOM_MAX_PREEMPTIONS=2 cargo test --release`
+//! (add `-- --nocapture` to see the iterations each model explored).
+//! `LOOM_MAX_PREEMPTIONS` defaults to 2 here when unset.
+//!
+//! Three kinds of failure count: an assertion below, a loom causality error
+//! on an `UnsafeCell` (the slot's spare allocation, or the `Exclusive` cell
+//! every holder writes — two holders, or a hand-off without a
+//! happens-before edge, trip it), and loom's deadlock detection (a lost
+//! wake-up or a leaked lock leaves a thread parked forever).
+#![cfg(ctxstore_loom)]
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize as StdAtomicUsize, Ordering as StdOrdering};
+use std::task::{Context as TaskContext, Poll, Waker};
+use std::time::Instant;
+
+use ctxstore::__loom::{Lock, Locked, Refused, Slot};
+use ctxstore::Context;
+use loom::cell::UnsafeCell;
+use loom::future::block_on;
+use loom::sync::atomic::{AtomicBool, Ordering};
+use loom::sync::Arc;
+use loom::thread;
+use serde::{Deserialize, Serialize};
+
+/// The context value in every model: `n` counts commits, `tag` names the
+/// last writer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Val {
+    n: u64,
+    tag: u64,
+}
+
+impl Context for Val {}
+
+fn val(n: u64, tag: u64) -> Val {
+    Val { n, tag }
+}
+
+/// State only a lock holder may touch.
+///
+/// `cell` is a loom `UnsafeCell`: loom fails the model if two accesses are
+/// not ordered by happens-before, so it checks both mutual exclusion and
+/// that each hand-off publishes the previous holder's writes. `held` makes
+/// "two holders at once" an explicit assertion too (`Relaxed`: it must not
+/// add any happens-before edge of its own that could hide a missing one in
+/// the engine).
+struct Exclusive {
+    cell: UnsafeCell<u64>,
+    held: AtomicBool,
+}
+
+// SAFETY: `cell` is only accessed through `enter`, whose callers hold the
+// slot's lock; a violation is exactly what loom reports.
+unsafe impl Sync for Exclusive {}
+
+impl Exclusive {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            cell: UnsafeCell::new(0),
+            held: AtomicBool::new(false),
+        })
+    }
+
+    /// Marks the caller as the holder and runs `f` on the protected value.
+    fn enter<R>(&self, f: impl FnOnce(&mut u64) -> R) -> R {
+        assert!(
+            !self.held.swap(true, Ordering::Relaxed),
+            "two holders of one slot's lock"
+        );
+        // SAFETY: the caller holds the slot's lock (checked by `held` and by
+        // loom's causality tracking on `cell`).
+        let out = self.cell.with_mut(|v| f(unsafe { &mut *v }));
+        self.held.store(false, Ordering::Relaxed);
+        out
+    }
+}
+
+/// Runs one model and reports how many executions loom explored.
+fn check(name: &'static str, f: impl Fn() + Sync + Send + 'static) {
+    let runs = std::sync::Arc::new(StdAtomicUsize::new(0));
+    let counter = runs.clone();
+    let mut builder = loom::model::Builder::new();
+    if builder.preemption_bound.is_none() {
+        builder.preemption_bound = Some(2);
+    }
+    let start = Instant::now();
+    builder.check(move || {
+        counter.fetch_add(1, StdOrdering::Relaxed);
+        f();
+    });
+    eprintln!(
+        "loom model {name}: {} iterations in {:.1?} (preemption bound {:?})",
+        runs.load(StdOrdering::Relaxed),
+        start.elapsed(),
+        builder.preemption_bound,
+    );
+}
+
+/// Polls a future once with a waker that does nothing.
+fn poll_once<F: Future + Unpin>(fut: &mut F) -> Poll<F::Output> {
+    let mut cx = TaskContext::from_waker(Waker::noop());
+    Pin::new(fut).poll(&mut cx)
+}
+
+/// Asserts the lock ended up free: no holder, no waiter left queued
+/// (`QUEUED` implies `LOCKED`), not dead.
+fn assert_free(slot: &Slot<Val>) {
+    assert!(!slot.is_locked(), "the lock leaked");
+    assert!(!slot.is_dead());
+    slot.try_lock().expect("a free lock is acquirable").unlock();
+}
+
+/// Never two holders; a snapshot sees only committed (version, value) pairs
+/// and versions only increase.
+#[test]
+fn two_lockers_and_snapshotter() {
+    check("two_lockers_and_snapshotter", || {
+        let slot = Slot::new(val(0, 0), 1);
+        let excl = Exclusive::new();
+        let lockers: Vec<_> = (1..=2)
+            .map(|tag| {
+                let (slot, excl) = (slot.clone(), excl.clone());
+                thread::spawn(move || {
+                    let mut g = block_on(slot.lock()).expect("never deleted").guard();
+                    excl.enter(|v| *v += 1);
+                    g.n += 1;
+                    g.tag = tag;
+                    let base = g.version();
+                    let v = g.commit().expect("the holder's commit cannot conflict");
+                    assert_eq!(v, base + 1);
+                    v
+                })
+            })
+            .collect();
+        let (v1, a) = slot.load();
+        let (v2, b) = slot.load();
+        assert!(v2 >= v1, "versions went back: {v1} then {v2}");
+        for (v, x) in [(v1, a), (v2, b)] {
+            assert_eq!(x.n, v - 1, "snapshot of an uncommitted value");
+        }
+        let mut got: Vec<u64> = lockers.into_iter().map(|h| h.join().unwrap()).collect();
+        got.sort_unstable();
+        assert_eq!(got, [2, 3]);
+        assert_eq!(slot.load().0, 3);
+        assert_eq!(slot.load().1.n, 2);
+        assert_eq!(excl.enter(|v| *v), 2);
+        assert_free(&slot);
+    });
+}
+
+fn drop_after_polls(name: &'static str, polls: usize) {
+    check(name, move || {
+        let (slot, held) = Slot::new_locked(val(0, 0), 1);
+        let excl = Exclusive::new();
+        let dropped = {
+            let (slot, excl) = (slot.clone(), excl.clone());
+            thread::spawn(move || {
+                let mut fut: Lock<Val> = slot.lock();
+                for _ in 0..polls {
+                    if let Poll::Ready(got) = poll_once(&mut fut) {
+                        let got: Locked<Val> = got.expect("never deleted");
+                        excl.enter(|v| *v += 1);
+                        drop(got);
+                        return true;
+                    }
+                }
+                drop(fut);
+                false
+            })
+        };
+        let waiter = {
+            let (slot, excl) = (slot.clone(), excl.clone());
+            thread::spawn(move || {
+                let got = block_on(slot.lock()).expect("never deleted");
+                excl.enter(|v| *v += 1);
+                drop(got);
+            })
+        };
+        excl.enter(|v| *v += 1);
+        drop(held);
+        let dropped_got_it = dropped.join().unwrap();
+        waiter.join().unwrap();
+        assert_eq!(excl.enter(|v| *v), 2 + u64::from(dropped_got_it));
+        assert_free(&slot);
+    });
+}
+
+/// A lock future polled once and dropped at any point of a hand-off (before
+/// enqueue, queued, granted but not re-polled) loses no wake-up and leaks no
+/// lock: the other waiter still gets it, and the lock ends free.
+#[test]
+fn handoff_waiter_polled_once_then_dropped() {
+    drop_after_polls("handoff_waiter_polled_once_then_dropped", 1);
+}
+
+/// As above, but the dropped future was polled twice (its second poll runs
+/// the register-and-re-check path before it is dropped).
+#[test]
+fn handoff_waiter_polled_twice_then_dropped() {
+    drop_after_polls("handoff_waiter_polled_twice_then_dropped", 2);
+}
+
+/// Commit and replace racing delete: each waiter ends with the lock or with
+/// `Dead` (never both, never hangs), and nothing is committed after the kill.
+#[test]
+fn commit_and_replace_racing_delete() {
+    check("commit_and_replace_racing_delete", || {
+        let slot = Slot::new(val(0, 0), 1);
+        let excl = Exclusive::new();
+        let committer = {
+            let (slot, excl) = (slot.clone(), excl.clone());
+            thread::spawn(move || {
+                let mut g = block_on(slot.lock())?.guard();
+                excl.enter(|v| *v += 1);
+                g.n += 1;
+                Some(g.commit().expect("the holder's commit cannot conflict"))
+            })
+        };
+        let replacer = {
+            let (slot, excl) = (slot.clone(), excl.clone());
+            thread::spawn(move || match slot.lock_blocking() {
+                Ok(locked) => {
+                    excl.enter(|v| *v += 1);
+                    Some(
+                        locked
+                            .store(val(100, 2))
+                            .expect("the holder's store cannot conflict"),
+                    )
+                }
+                Err(Refused::Dead) => None,
+                Err(other) => panic!("an untimed wait refused with {other:?}"),
+            })
+        };
+        let locked = block_on(slot.lock()).expect("only this thread deletes");
+        let at_delete = excl.enter(|v| *v);
+        let version_at_delete = slot.version();
+        locked.delete();
+        let c = committer.join().unwrap();
+        let r = replacer.join().unwrap();
+        assert!(slot.is_dead() && slot.is_locked());
+        assert_eq!(slot.try_lock().err(), Some(Refused::Dead));
+        assert_eq!(slot.lock_blocking().err(), Some(Refused::Dead));
+        assert!(matches!(poll_once(&mut slot.lock()), Poll::Ready(None)));
+        // Every waiter that got the lock did so before the kill, and nothing
+        // was published after it.
+        let winners = u64::from(c.is_some()) + u64::from(r.is_some());
+        assert_eq!(at_delete, winners);
+        assert_eq!(version_at_delete, 1 + winners);
+        assert_eq!(slot.version(), version_at_delete);
+        let mut versions: Vec<u64> = [c, r].into_iter().flatten().collect();
+        versions.sort_unstable();
+        assert_eq!(versions, (2..2 + winners).collect::<Vec<_>>());
+    });
+}
+
+/// A blocking (thread-parking) waiter and an async (waker) waiter queued on
+/// one slot are both served, each seeing the previous holder's writes.
+#[test]
+fn blocking_and_async_waiters_share_one_slot() {
+    check("blocking_and_async_waiters_share_one_slot", || {
+        let (slot, held) = Slot::new_locked(val(0, 0), 1);
+        let excl = Exclusive::new();
+        let blocking = {
+            let (slot, excl) = (slot.clone(), excl.clone());
+            thread::spawn(move || {
+                let got = slot.lock_blocking().expect("never deleted");
+                excl.enter(|v| *v += 1);
+                drop(got);
+            })
+        };
+        let task = {
+            let (slot, excl) = (slot.clone(), excl.clone());
+            thread::spawn(move || {
+                let got = block_on(slot.lock()).expect("never deleted");
+                excl.enter(|v| *v += 1);
+                drop(got);
+            })
+        };
+        excl.enter(|v| *v += 1);
+        drop(held);
+        blocking.join().unwrap();
+        task.join().unwrap();
+        assert_eq!(excl.enter(|v| *v), 3);
+        assert_free(&slot);
+    });
+}
+
+/// `store_context` vs a guard vs a snapshot: versions strictly increase,
+/// the last writer in lock order wins, a guard starts from the latest commit,
+/// and a snapshot only ever sees a committed (version, value) pair.
+#[test]
+fn store_vs_guard_vs_snapshot() {
+    check("store_vs_guard_vs_snapshot", || {
+        let slot = Slot::new(val(0, 0), 1);
+        let store = {
+            let slot = slot.clone();
+            thread::spawn(move || {
+                block_on(slot.lock())
+                    .expect("never deleted")
+                    .store(val(100, 1))
+                    .expect("the holder's store cannot conflict")
+            })
+        };
+        let guard = {
+            let slot = slot.clone();
+            thread::spawn(move || {
+                let mut g = slot.lock_blocking().expect("never deleted").guard();
+                g.n += 1;
+                g.tag = 2;
+                let base = g.version();
+                (
+                    base,
+                    g.commit().expect("the holder's commit cannot conflict"),
+                )
+            })
+        };
+        let committed = |v: u64, x: &Val| match x.tag {
+            0 => v == 1 && x.n == 0,
+            1 => v >= 2 && x.n == 100,
+            2 => v >= 2 && (x.n == 1 || x.n == 101),
+            _ => false,
+        };
+        let (v1, a) = slot.load();
+        let (v2, b) = slot.load();
+        assert!(
+            committed(v1, &a) && committed(v2, &b),
+            "{v1}:{a:?} {v2}:{b:?}"
+        );
+        assert!(v2 >= v1);
+        let vs = store.join().unwrap();
+        let (base, vg) = guard.join().unwrap();
+        assert_eq!(vg, base + 1);
+        let (v, last) = slot.load();
+        assert_eq!(v, 3);
+        if vs < vg {
+            assert_eq!((vs, base), (2, 2), "the guard must start from the store");
+            assert_eq!(last, val(101, 2));
+        } else {
+            assert_eq!((vg, vs), (2, 3));
+            assert_eq!(last, val(100, 1));
+        }
+        assert_free(&slot);
+    });
+}
+
+/// A `try` refusal and a timed-out blocking wait racing a release never keep
+/// the lock and never take a hand-off meant for the waiter queued before
+/// them; the queued waiter is woken even though it re-polls with a new waker.
+#[test]
+fn try_and_timeout_refusals_racing_release() {
+    check("try_and_timeout_refusals_racing_release", || {
+        let (slot, held) = Slot::new_locked(val(0, 0), 1);
+        let excl = Exclusive::new();
+        // Queue the first waiter before anybody races the release.
+        let mut queued = slot.lock();
+        assert!(poll_once(&mut queued).is_pending());
+        let first = {
+            let excl = excl.clone();
+            thread::spawn(move || {
+                let got = block_on(queued).expect("never deleted");
+                excl.enter(|v| {
+                    assert_eq!(*v, 1, "the queued waiter was overtaken");
+                    *v = 2;
+                });
+                drop(got);
+            })
+        };
+        let racer = {
+            let (slot, excl) = (slot.clone(), excl.clone());
+            thread::spawn(move || {
+                let mut wins = 0;
+                type Attempt = fn(&Slot<Val>) -> Result<Locked<Val>, Refused>;
+                let attempts: [Attempt; 2] = [Slot::try_lock, Slot::lock_timeout_expired];
+                for attempt in attempts {
+                    match attempt(&slot) {
+                        Ok(got) => {
+                            excl.enter(|v| assert_eq!(*v, 2, "barged past a queued waiter"));
+                            drop(got);
+                            wins += 1;
+                        }
+                        Err(Refused::Held | Refused::TimedOut) => {}
+                        Err(Refused::Dead) => panic!("never deleted"),
+                    }
+                }
+                wins
+            })
+        };
+        excl.enter(|v| *v = 1);
+        drop(held);
+        first.join().unwrap();
+        let _wins = racer.join().unwrap();
+        assert_eq!(excl.enter(|v| *v), 2);
+        assert_free(&slot);
+    });
+}
+
+/// Kill racing a queued waiter's cancellation (a dropped future, then a
+/// timed-out blocking wait): the waiter ends `Dead` or timed out, never with
+/// the lock, and the dead lock is never released.
+#[test]
+fn kill_racing_cancel() {
+    check("kill_racing_cancel", || {
+        let (slot, held) = Slot::new_locked(val(0, 0), 1);
+        let waiter = {
+            let slot = slot.clone();
+            thread::spawn(move || {
+                let mut fut = slot.lock();
+                match poll_once(&mut fut) {
+                    Poll::Ready(got) => assert!(got.is_none(), "locked a slot being deleted"),
+                    Poll::Pending => {}
+                }
+                drop(fut);
+                slot.lock_timeout_expired().err()
+            })
+        };
+        held.delete();
+        let refused = waiter.join().unwrap();
+        assert!(
+            matches!(refused, Some(Refused::Dead | Refused::TimedOut)),
+            "{refused:?}"
+        );
+        assert!(slot.is_dead() && slot.is_locked());
+        assert_eq!(slot.try_lock().err(), Some(Refused::Dead));
+    });
+}
