@@ -91,6 +91,8 @@ mod error;
 mod global;
 mod guard;
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod storage;
 mod sync;
 mod util;
@@ -102,6 +104,8 @@ pub use global::{
 };
 pub use guard::{ContextGuard, Snapshot};
 pub use memory::InMemoryContextStorage;
+#[cfg(feature = "postgres")]
+pub use postgres::{PostgresContextStorage, PostgresContextStorageBuilder};
 pub use storage::{
     BoxFuture, ContextStorage, ContextStorageExt, ErasedValue, Lease, RawGuard, RawSnapshot, Wait,
 };
