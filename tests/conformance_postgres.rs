@@ -5,10 +5,10 @@
 #![cfg(feature = "postgres")]
 
 mod conformance;
-mod pg_common;
+mod postgres_common;
 
 async fn make() -> std::sync::Arc<dyn ctxstore::ContextStorage> {
-    std::sync::Arc::new(pg_common::fresh_store().await)
+    std::sync::Arc::new(postgres_common::fresh_store().await)
 }
 
 conformance::conformance_tests!(make);
