@@ -320,8 +320,11 @@ impl InMemoryContextStorage {
         // SeqCst: pairs with the load in `insert_new` (see there).
         self.version_floor
             .fetch_max(slot.version(), Ordering::SeqCst);
+        // Kill even if `remove` unwinds: papaya may reclaim an earlier
+        // deleted value in there (after unlinking this entry), running a
+        // user `Drop` that can panic. Queued waiters must still be failed.
+        let _kill = Finally(|| slot.lock.kill());
         self.table.remove(id, slot);
-        slot.lock.kill();
     }
 
     pub(crate) fn try_lock_now<T: Context>(&self, id: Uuid) -> Result<MemGuard<T>> {
@@ -388,13 +391,26 @@ impl InMemoryContextStorage {
 
 /// Publishes `value` into a slot the caller has locked, then unlocks it.
 fn replace_locked<T: Context>(slot: &Slot<T>, id: Uuid, value: T) -> Result<u64> {
+    // Unlock even on unwind: writing over the recycled allocation drops the
+    // value it held, and a user `Drop` may panic there.
+    let unlock = Finally(|| slot.lock.unlock());
     let base = slot.load();
     // SAFETY: the caller holds the slot's lock.
     let draft = unsafe { slot.draft_with(value) };
     // SAFETY: the caller holds the slot's lock.
     let published = unsafe { slot.publish(base, draft) };
-    slot.lock.unlock();
+    drop(unlock);
     published.map_err(|found| ContextType::of::<T>().conflict(id, found.saturating_sub(1), found))
+}
+
+/// Runs its closure when dropped, also while unwinding from a panic in user
+/// code (`Drop`, `Clone`) inside a locked section.
+struct Finally<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for Finally<F> {
+    fn drop(&mut self) {
+        (self.0)();
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
