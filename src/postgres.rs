@@ -213,7 +213,7 @@ impl PostgresContextStorageBuilder {
         let client = pool
             .get()
             .await
-            .map_err(|e| setup_error(format!("cannot connect to Postgres: {e}")))?;
+            .map_err(|e| setup_error(format!("cannot connect to Postgres: {}", pool_error(e))))?;
         ensure_schema(&client, &self.table, self.create_schema).await?;
         drop(client);
         Ok(PostgresContextStorage {
@@ -254,49 +254,76 @@ fn validate_table(table: &str) -> Result<()> {
 /// that processes connecting at once do not race; checks an existing table's
 /// columns. See `docs/postgres.md` for the migration path.
 async fn ensure_schema(client: &Object, table: &str, create: bool) -> Result<()> {
-    let fail = |what: &str, e: tokio_postgres::Error| {
-        setup_error(format!("cannot prepare table {table} ({what}): {e}"))
-    };
     let seq = format!("{table}_version_seq");
-    if create {
+    if !create {
+        check_columns(client, table).await?;
+        let has_seq = client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&seq])
+            .await
+            .map_err(|e| schema_error(table, "inspect sequence", e))?;
+        if !has_seq.get::<_, bool>(0) {
+            return Err(setup_error(format!(
+                "sequence {seq} is missing; connect once with create_schema(true)"
+            )));
+        }
+        return Ok(());
+    }
+    client
+        .batch_execute(&format!(
+            "BEGIN; \
+             SELECT pg_advisory_xact_lock(hashtext('ctxstore schema {table}')); \
+             CREATE TABLE IF NOT EXISTS {table} ( \
+                 kind text NOT NULL, \
+                 id uuid NOT NULL, \
+                 version bigint NOT NULL, \
+                 value jsonb NOT NULL, \
+                 updated_at timestamptz NOT NULL DEFAULT now(), \
+                 PRIMARY KEY (kind, id));"
+        ))
+        .await
+        .map_err(|e| schema_error(table, "create table", e))?;
+    let migrated = async {
+        check_columns(client, table).await?;
+        // A table from before the sequence existed (or made by hand): start
+        // the new sequence above every stored version. Only when the
+        // sequence is new, so that a running writer's sequence never moves
+        // back.
+        let missing = client
+            .query_one("SELECT to_regclass($1) IS NULL", &[&seq])
+            .await
+            .map_err(|e| schema_error(table, "inspect sequence", e))?;
+        if missing.get::<_, bool>(0) {
+            client
+                .batch_execute(&format!(
+                    "CREATE SEQUENCE {seq} AS bigint MINVALUE 1 CACHE 1; \
+                     SELECT setval('{seq}', GREATEST(1, (SELECT max(version) FROM {table})));"
+                ))
+                .await
+                .map_err(|e| schema_error(table, "create sequence", e))?;
+        }
         client
             .batch_execute(&format!(
-                "BEGIN; \
-                 SELECT pg_advisory_xact_lock(hashtext('ctxstore schema {table}')); \
-                 CREATE TABLE IF NOT EXISTS {table} ( \
-                     kind text NOT NULL, \
-                     id uuid NOT NULL, \
-                     version bigint NOT NULL, \
-                     value jsonb NOT NULL, \
-                     updated_at timestamptz NOT NULL DEFAULT now(), \
-                     PRIMARY KEY (kind, id)); \
-                 COMMENT ON TABLE {table} IS 'ctxstore contexts, schema {SCHEMA_VERSION}';"
+                "COMMENT ON TABLE {table} IS 'ctxstore contexts, schema {SCHEMA_VERSION}'; COMMIT"
             ))
             .await
-            .map_err(|e| fail("create table", e))?;
-        // A table from before the sequence existed (or created by hand):
-        // start the new sequence above every stored version. Only when the
-        // sequence is new, so a running writer's sequence never moves back.
-        let created = async {
-            let row = client
-                .query_one("SELECT to_regclass($1) IS NULL", &[&seq])
-                .await?;
-            if row.get::<_, bool>(0) {
-                client
-                    .batch_execute(&format!(
-                        "CREATE SEQUENCE {seq} AS bigint MINVALUE 1 CACHE 1; \
-                         SELECT setval('{seq}', GREATEST(1, (SELECT max(version) FROM {table})));"
-                    ))
-                    .await?;
-            }
-            client.batch_execute("COMMIT").await
-        }
-        .await;
-        if let Err(e) = created {
-            let _ = client.batch_execute("ROLLBACK").await;
-            return Err(fail("create sequence", e));
-        }
+            .map_err(|e| schema_error(table, "commit", e))
     }
+    .await;
+    if migrated.is_err() {
+        let _ = client.batch_execute("ROLLBACK").await;
+    }
+    migrated
+}
+
+fn schema_error(table: &str, what: &str, e: tokio_postgres::Error) -> ContextError {
+    setup_error(format!(
+        "cannot prepare table {table} ({what}): {}",
+        PgError(e)
+    ))
+}
+
+/// Checks that `table` exists with the columns this backend uses.
+async fn check_columns(client: &Object, table: &str) -> Result<()> {
     let rows = client
         .query(
             "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) \
@@ -305,7 +332,7 @@ async fn ensure_schema(client: &Object, table: &str, create: bool) -> Result<()>
             &[&table],
         )
         .await
-        .map_err(|e| fail("inspect columns", e))?;
+        .map_err(|e| schema_error(table, "inspect columns", e))?;
     let columns: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     for (name, ty) in [
         ("kind", "text"),
@@ -320,15 +347,6 @@ async fn ensure_schema(client: &Object, table: &str, create: bool) -> Result<()>
                  see docs/postgres.md for the schema and its migrations"
             )));
         }
-    }
-    let has_seq = client
-        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&seq])
-        .await
-        .map_err(|e| fail("inspect sequence", e))?;
-    if !has_seq.get::<_, bool>(0) {
-        return Err(setup_error(format!(
-            "sequence {seq} is missing; connect once with create_schema(true)"
-        )));
     }
     Ok(())
 }
@@ -389,7 +407,7 @@ impl PostgresContextStorage {
                 clean: false,
                 handle: self.inner.handle.clone(),
             }),
-            Err(e) => Err(ty.backend_error(id, boxed(e))),
+            Err(e) => Err(ty.backend_error(id, message(pool_error(e)))),
         }
     }
 
@@ -423,7 +441,7 @@ impl PostgresContextStorage {
         let stmt = client
             .prepare_cached(query)
             .await
-            .map_err(|e| ty.backend_error(Some(id), boxed(e)))?;
+            .map_err(|e| ty.backend_error(Some(id), pg(e)))?;
         let kind = ty.kind();
         let params: [&(dyn ToSql + Sync); 2] = [&kind, &id];
         let (began, row) = tokio::join!(
@@ -445,13 +463,13 @@ impl PostgresContextStorage {
             }
             (Err(e), _) | (_, Err(e)) => {
                 conn.rollback().await;
-                return Err(ty.backend_error(Some(id), boxed(e)));
+                return Err(ty.backend_error(Some(id), pg(e)));
             }
         };
         let version = row_version(ty, id, &row)?;
         let text: &str = row
             .try_get(1)
-            .map_err(|e| ty.backend_error(Some(id), boxed(e)))?;
+            .map_err(|e| ty.backend_error(Some(id), pg(e)))?;
         let value = match ty.decode(Some(id), text.as_bytes()) {
             Ok(value) => value,
             Err(e) => {
@@ -480,7 +498,7 @@ impl PostgresContextStorage {
         loop {
             let mut conn = self.conn(ty, Some(id), Wait::Forever).await?;
             let client = conn.client();
-            let err = |e| ty.backend_error(Some(id), boxed(e));
+            let err = |e| ty.backend_error(Some(id), pg(e));
             let insert = client.prepare_cached(&sql.insert).await.map_err(err)?;
             let update = client.prepare_cached(&sql.update).await.map_err(err)?;
             // One round trip. The INSERT creates the row if missing (with a
@@ -517,7 +535,7 @@ impl PostgresContextStorage {
     async fn snapshot(&self, ty: &'static ContextType, id: Uuid) -> Result<RawSnapshot> {
         let mut conn = self.conn(ty, Some(id), Wait::Forever).await?;
         let client = conn.client();
-        let err = |e| ty.backend_error(Some(id), boxed(e));
+        let err = |e| ty.backend_error(Some(id), pg(e));
         let stmt = client
             .prepare_cached(&self.inner.sql.snapshot)
             .await
@@ -538,7 +556,7 @@ impl PostgresContextStorage {
     async fn delete(&self, ty: &'static ContextType, id: Uuid) -> Result<()> {
         let mut conn = self.conn(ty, Some(id), Wait::Forever).await?;
         let client = conn.client();
-        let err = |e| ty.backend_error(Some(id), boxed(e));
+        let err = |e| ty.backend_error(Some(id), pg(e));
         let stmt = client
             .prepare_cached(&self.inner.sql.delete)
             .await
@@ -562,7 +580,7 @@ impl PostgresContextStorage {
     async fn contains(&self, ty: &'static ContextType, id: Uuid) -> Result<bool> {
         let mut conn = self.conn(ty, Some(id), Wait::Forever).await?;
         let client = conn.client();
-        let err = |e| ty.backend_error(Some(id), boxed(e));
+        let err = |e| ty.backend_error(Some(id), pg(e));
         let stmt = client
             .prepare_cached(&self.inner.sql.contains)
             .await
@@ -578,7 +596,7 @@ impl PostgresContextStorage {
     async fn ids(&self, ty: &'static ContextType) -> Result<Vec<Uuid>> {
         let mut conn = self.conn(ty, None, Wait::Forever).await?;
         let client = conn.client();
-        let err = |e| ty.backend_error(None, boxed(e));
+        let err = |e| ty.backend_error(None, pg(e));
         let stmt = client
             .prepare_cached(&self.inner.sql.ids)
             .await
@@ -592,9 +610,50 @@ impl PostgresContextStorage {
 fn row_version(ty: &'static ContextType, id: Uuid, row: &tokio_postgres::Row) -> Result<u64> {
     let v: i64 = row
         .try_get(0)
-        .map_err(|e| ty.backend_error(Some(id), boxed(e)))?;
+        .map_err(|e| ty.backend_error(Some(id), pg(e)))?;
     u64::try_from(v)
         .map_err(|_| ty.backend_error(Some(id), message(format!("stored version {v} is negative"))))
+}
+
+/// A driver error whose message includes the server's (`tokio_postgres`
+/// displays a server error as just "db error").
+#[derive(Debug)]
+struct PgError(tokio_postgres::Error);
+
+impl fmt::Display for PgError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use std::error::Error as _;
+        match (self.0.as_db_error(), self.0.source()) {
+            (Some(db), _) => write!(
+                f,
+                "{}: {} (SQLSTATE {})",
+                db.severity(),
+                db.message(),
+                db.code().code()
+            ),
+            (None, Some(source)) => write!(f, "{}: {source}", self.0),
+            (None, None) => write!(f, "{}", self.0),
+        }
+    }
+}
+
+impl std::error::Error for PgError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+fn pg(e: tokio_postgres::Error) -> BoxError {
+    boxed(PgError(e))
+}
+
+fn pool_error(e: deadpool_postgres::PoolError) -> String {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => {
+            format!("cannot open a connection: {}", PgError(e))
+        }
+        e => format!("connection pool: {e}"),
+    }
 }
 
 /// `encode` produces JSON, which is UTF-8; sent as text and cast to jsonb
@@ -686,7 +745,7 @@ impl PgLease {
             // transaction, and our lock with it, is gone.
             return Err(ty.lease_lost(id));
         }
-        let err = |e| ty.backend_error(Some(id), boxed(e));
+        let err = |e| ty.backend_error(Some(id), pg(e));
         let stmt = client
             .prepare_cached(&self.store.sql.commit)
             .await

@@ -1,0 +1,432 @@
+//! Postgres-specific behaviour beyond the conformance suite (feature
+//! `postgres`): corrupt rows, outages and recovery, schema creation and
+//! migration, versions under delete/re-create churn, connection hygiene.
+#![cfg(feature = "postgres")]
+
+mod postgres_common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ctxstore::{Context, ContextStorage, ContextStorageExt, PostgresContextStorage, Uuid};
+use postgres_common::{client, fresh_store, fresh_table, store_on, url};
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Job {
+    name: String,
+    n: u64,
+}
+
+impl Context for Job {
+    fn kind() -> &'static str {
+        "ctxstore.test.pg.job"
+    }
+}
+
+fn job(n: u64) -> Job {
+    Job {
+        name: "j".into(),
+        n,
+    }
+}
+
+async fn guarded<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(120), f)
+        .await
+        .expect("hang guard: test did not finish within 120 s")
+}
+
+/// Can another session lock the row right now (NOWAIT)?
+async fn row_is_free(table: &str, id: Uuid) -> bool {
+    let c = client().await;
+    c.batch_execute("BEGIN").await.unwrap();
+    let free = c
+        .query(
+            &format!("SELECT 1 FROM {table} WHERE kind = $1 AND id = $2 FOR UPDATE NOWAIT"),
+            &[&Job::kind(), &id],
+        )
+        .await
+        .is_ok();
+    c.batch_execute("ROLLBACK").await.unwrap();
+    free
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_row_is_a_codec_error_naming_the_key() {
+    guarded(async {
+        let s = fresh_store().await;
+        let id = Uuid::new_v4();
+        s.store_context(id, job(1)).await.unwrap();
+        // Someone rewrites the row with JSON that is no longer a Job.
+        let c = client().await;
+        c.execute(
+            &format!(
+                "UPDATE {} SET value = '{{\"name\": 7}}'::jsonb WHERE id = $1",
+                s.table()
+            ),
+            &[&id],
+        )
+        .await
+        .unwrap();
+        let e = s.get_context_snapshot::<Job>(id).await.unwrap_err();
+        assert!(e.is_codec(), "{e:?}");
+        assert_eq!(e.id(), Some(id));
+        assert!(e.to_string().contains(&id.to_string()), "{e}");
+        assert!(e.to_string().contains("Job"), "{e}");
+        let e = s.get_context::<Job>(id).await.unwrap_err();
+        assert!(e.is_codec(), "{e:?}");
+        assert_eq!(e.id(), Some(id));
+        let e = s
+            .update_context(id, |j: &mut Job| j.n += 1)
+            .await
+            .unwrap_err();
+        assert!(e.is_codec(), "{e:?}");
+        // The failed lock attempts released the row.
+        assert!(row_is_free(s.table(), id).await);
+        // Storing over it repairs the context; delete works on it too.
+        let v = s.store_context(id, job(5)).await.unwrap();
+        let snap = s.get_context_snapshot::<Job>(id).await.unwrap();
+        assert_eq!((snap.n, snap.version()), (5, v));
+        c.execute(
+            &format!(
+                "UPDATE {} SET value = '[1, 2]'::jsonb WHERE id = $1",
+                s.table()
+            ),
+            &[&id],
+        )
+        .await
+        .unwrap();
+        s.delete_context::<Job>(id).await.unwrap();
+        assert!(!s.contains_context::<Job>(id).await.unwrap());
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminated_sessions_give_errors_then_recover() {
+    guarded(async {
+        let table = fresh_table();
+        let s = store_on(&table).await;
+        let id = Uuid::new_v4();
+        s.store_context(id, job(1)).await.unwrap();
+        let mut g = s.get_context::<Job>(id).await.unwrap();
+        g.n = 100;
+        // What a server restart does to every session of this store.
+        let c = client().await;
+        let killed: i64 = c
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE application_name = $1",
+                &[&format!("ctxstore:{table}")],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(killed >= 1);
+        // The guard's lock died with its session: the commit is refused and
+        // writes nothing.
+        let e = g.commit().await.unwrap_err();
+        assert!(e.is_lease_lost() || e.is_backend(), "{e:?}");
+        assert_eq!(e.id(), Some(id));
+        // Idle pooled connections died too: operations may fail with
+        // Backend errors for a moment, never panic, and then work again.
+        let mut errors = 0;
+        let snap = loop {
+            match s.get_context_snapshot::<Job>(id).await {
+                Ok(snap) => break snap,
+                Err(e) => {
+                    assert!(e.is_backend(), "{e:?}");
+                    errors += 1;
+                    assert!(errors < 50, "no recovery: {e}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        assert_eq!(snap.n, 1, "the refused commit wrote nothing");
+        s.update_context(id, |j: &mut Job| j.n += 1).await.unwrap();
+        assert_eq!(s.get_context_snapshot::<Job>(id).await.unwrap().n, 2);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn unreachable_server_is_a_backend_error() {
+    let e = PostgresContextStorage::connect("postgres://postgres@127.0.0.1:1/test")
+        .await
+        .unwrap_err();
+    assert!(e.is_backend(), "{e:?}");
+    assert!(e.to_string().contains("cannot connect"), "{e}");
+    let e = PostgresContextStorage::connect("not a url")
+        .await
+        .unwrap_err();
+    assert!(
+        e.is_backend() && e.to_string().contains("invalid Postgres URL"),
+        "{e}"
+    );
+    let e = PostgresContextStorage::builder(url())
+        .table("Robert'); DROP TABLE students;--")
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("invalid table name"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_is_created_once_under_concurrent_connects() {
+    guarded(async {
+        let table = fresh_table();
+        let stores = futures_join_all((0..6).map(|_| {
+            let table = table.clone();
+            tokio::spawn(async move { store_on(&table).await })
+        }))
+        .await;
+        let id = Uuid::new_v4();
+        stores[0].store_context(id, job(3)).await.unwrap();
+        for s in &stores {
+            assert_eq!(s.get_context_snapshot::<Job>(id).await.unwrap().n, 3);
+        }
+    })
+    .await
+}
+
+async fn futures_join_all<T: Send + 'static>(
+    handles: impl Iterator<Item = tokio::task::JoinHandle<T>>,
+) -> Vec<T> {
+    let mut out = Vec::new();
+    for h in handles.collect::<Vec<_>>() {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn hand_made_table_is_migrated_and_versions_start_above_its_rows() {
+    guarded(async {
+        let table = fresh_table();
+        let c = client().await;
+        // The issue's schema, made by hand, with a row at version 500.
+        let id = Uuid::new_v4();
+        c.batch_execute(&format!(
+            "CREATE TABLE {table} (kind text, id uuid, version bigint, value jsonb, \
+             updated_at timestamptz, PRIMARY KEY (kind, id))"
+        ))
+        .await
+        .unwrap();
+        c.execute(
+            &format!(
+                "INSERT INTO {table} VALUES ($1, $2, 500, '{{\"name\":\"old\",\"n\":9}}', now())"
+            ),
+            &[&Job::kind(), &id],
+        )
+        .await
+        .unwrap();
+        let s = store_on(&table).await;
+        let snap = s.get_context_snapshot::<Job>(id).await.unwrap();
+        assert_eq!((snap.n, snap.version()), (9, 500));
+        let v = s.update_context(id, |j: &mut Job| j.n += 1).await;
+        v.unwrap();
+        assert!(s.get_context_snapshot::<Job>(id).await.unwrap().version() > 500);
+        // A fresh key also draws above every stored version.
+        assert!(s.store_context(Uuid::new_v4(), job(0)).await.unwrap() > 500);
+
+        // A table that is not ours is refused with a clear error.
+        let other = fresh_table();
+        c.batch_execute(&format!("CREATE TABLE {other} (kind text, id uuid)"))
+            .await
+            .unwrap();
+        let e = PostgresContextStorage::builder(url())
+            .table(&other)
+            .connect()
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("missing column `version bigint`"),
+            "{e}"
+        );
+        // Without create_schema, a missing table is an error, not created.
+        let e = PostgresContextStorage::builder(url())
+            .table(fresh_table())
+            .create_schema(false)
+            .connect()
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("missing column"), "{e}");
+    })
+    .await
+}
+
+/// Versions seen by one reader, in real-time order, never go back, whatever
+/// mix of commits, stores, deletes and re-creates runs meanwhile (no ABA).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn versions_never_go_back_under_delete_recreate_churn() {
+    guarded(async {
+        let s: Arc<dyn ContextStorage> = Arc::new(fresh_store().await);
+        let id = Uuid::new_v4();
+        s.store_context(id, job(0)).await.unwrap();
+        let mut tasks = Vec::new();
+        for role in 0..4 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..150u64 {
+                    let r = match role {
+                        0 => s.delete_context::<Job>(id).await,
+                        1 => s.store_context(id, job(i)).await.map(|_| ()),
+                        _ => s.update_context(id, |j: &mut Job| j.n += 1).await,
+                    };
+                    if let Err(e) = r {
+                        assert!(e.is_not_found(), "{e:?}");
+                    }
+                }
+            }));
+        }
+        let reader = {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let mut last = 0;
+                let mut seen = 0;
+                for _ in 0..600 {
+                    match s.get_context_snapshot::<Job>(id).await {
+                        Ok(snap) => {
+                            assert!(snap.version() >= last, "{} after {last}", snap.version());
+                            last = snap.version();
+                            seen += 1;
+                        }
+                        Err(e) => assert!(e.is_not_found(), "{e:?}"),
+                    }
+                }
+                seen
+            })
+        };
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert!(reader.await.unwrap() > 0);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_waits_are_not_cut_by_the_statement_timeout() {
+    guarded(async {
+        let s = PostgresContextStorage::builder(url())
+            .table(fresh_table())
+            .statement_timeout(Duration::from_millis(200))
+            .connect()
+            .await
+            .unwrap();
+        let s = Arc::new(s);
+        let id = Uuid::new_v4();
+        s.store_context(id, job(0)).await.unwrap();
+        let g = s.get_context::<Job>(id).await.unwrap();
+        let mut waiters = Vec::new();
+        for op in 0..3 {
+            let s = s.clone();
+            waiters.push(tokio::spawn(async move {
+                match op {
+                    0 => s.update_context(id, |j: &mut Job| j.n += 1).await,
+                    1 => s.store_context(id, job(10)).await.map(|_| ()),
+                    _ => s
+                        .get_context_timeout::<Job>(id, Duration::from_secs(30))
+                        .await
+                        .map(|g| g.rollback()),
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        drop(g);
+        for w in waiters {
+            w.await.unwrap().unwrap();
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_go_back_to_the_pool_clean() {
+    guarded(async {
+        let table = fresh_table();
+        let s = PostgresContextStorage::builder(url())
+            .table(&table)
+            .pool_size(1)
+            .connect()
+            .await
+            .unwrap();
+        let other = store_on(&table).await;
+        let id = Uuid::new_v4();
+        s.store_context(id, job(0)).await.unwrap();
+        for round in 0..20u64 {
+            // Dropped (rolled back) guards, NotFound and WouldBlock paths,
+            // and a cancelled waiter all leave the single connection clean.
+            let mut g = s.get_context::<Job>(id).await.unwrap();
+            g.n = 999;
+            drop(g);
+            assert!(s
+                .get_context::<Job>(Uuid::new_v4())
+                .await
+                .unwrap_err()
+                .is_not_found());
+            let held = other.get_context::<Job>(id).await.unwrap();
+            assert!(s
+                .try_get_context::<Job>(id)
+                .await
+                .unwrap_err()
+                .is_would_block());
+            assert!(s
+                .get_context_timeout::<Job>(id, Duration::from_millis(20))
+                .await
+                .unwrap_err()
+                .is_timeout());
+            let cancelled =
+                tokio::time::timeout(Duration::from_millis(20), s.get_context::<Job>(id)).await;
+            assert!(cancelled.is_err());
+            held.rollback();
+            // A commit through the one connection is visible to another
+            // session, so it was not left inside an old transaction.
+            s.update_context(id, |j: &mut Job| j.n += 1).await.unwrap();
+            assert_eq!(
+                other.get_context_snapshot::<Job>(id).await.unwrap().n,
+                round + 1
+            );
+            assert!(row_is_free(&table, id).await);
+        }
+    })
+    .await
+}
+
+#[test]
+fn guards_work_from_plain_threads() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let s = rt.block_on(fresh_store());
+    let id = Uuid::new_v4();
+    rt.block_on(s.store_context(id, job(0))).unwrap();
+    let table = s.table().to_owned();
+    // Commit on a plain thread (commit_blocking), then drop one there.
+    let g = rt.block_on(s.get_context::<Job>(id)).unwrap();
+    let v = std::thread::spawn(move || {
+        let mut g = g;
+        g.n = 7;
+        g.commit_blocking().unwrap()
+    })
+    .join()
+    .unwrap();
+    let g = rt.block_on(s.get_context::<Job>(id)).unwrap();
+    std::thread::spawn(move || drop(g)).join().unwrap();
+    rt.block_on(async {
+        // The release was spawned on the store's runtime; the lock frees.
+        let g = s
+            .get_context_timeout::<Job>(id, Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!((g.n, g.version()), (7, v));
+        g.rollback();
+        let mut free = false;
+        for _ in 0..100 {
+            if row_is_free(&table, id).await {
+                free = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(free);
+    });
+}
