@@ -1,1 +1,204 @@
-fn main() {}
+//! Many OS processes sharing one context store through Redis.
+//!
+//! ```text
+//! # 4 worker processes x 2,000 increments of one counter -> exactly 8,000
+//! cargo run --release --example redis_workers --features redis -- demo --processes 4 --count 2000
+//! ```
+//!
+//! The `increment` and `hold` subcommands are the worker roles; `demo`
+//! spawns `increment` workers of this same binary. The multi-process and
+//! fault tests (`tests/redis_processes.rs`) drive the roles directly.
+//! Redis is taken from `--url`, else `CTXSTORE_REDIS_URL`, else
+//! `redis://127.0.0.1:6379`.
+
+use std::io::Write;
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use ctxstore::{Context, ContextStorageExt, RedisContextStorage, Uuid};
+
+/// The shared counter. The explicit `kind` keeps its Redis key stable.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct Counter {
+    n: u64,
+}
+
+impl Context for Counter {
+    fn kind() -> &'static str {
+        "ctxstore.example.counter"
+    }
+}
+
+#[derive(Parser)]
+#[command(about = "ctxstore: many processes, one Redis-backed context")]
+struct Cli {
+    #[command(flatten)]
+    conn: Conn,
+    #[command(subcommand)]
+    role: Role,
+}
+
+#[derive(Args, Clone)]
+struct Conn {
+    /// Redis URL (default: $CTXSTORE_REDIS_URL or redis://127.0.0.1:6379).
+    #[arg(long, global = true)]
+    url: Option<String>,
+    /// Key namespace shared by the cooperating processes.
+    #[arg(long, global = true, default_value = "ctxstore-example")]
+    namespace: String,
+    /// Lease length in milliseconds.
+    #[arg(long, global = true, default_value_t = 5000)]
+    lease_ms: u64,
+    /// Lease renewal interval in milliseconds (default: a third of the lease).
+    #[arg(long, global = true)]
+    renew_ms: Option<u64>,
+}
+
+#[derive(Subcommand)]
+enum Role {
+    /// Increment the counter `count` times, one `update_context` each.
+    Increment {
+        #[arg(long)]
+        id: Uuid,
+        #[arg(long, default_value_t = 2000)]
+        count: u64,
+    },
+    /// Lock the counter, print `LOCKED <version>`, keep the guard for
+    /// `hold_ms`, then increment and commit: prints `COMMITTED <version>`
+    /// (exit 0) or `LEASE_LOST` (exit 3).
+    Hold {
+        #[arg(long)]
+        id: Uuid,
+        #[arg(long)]
+        hold_ms: u64,
+    },
+    /// Create a counter, run `processes` increment workers of this binary on
+    /// it and check the total.
+    Demo {
+        #[arg(long, default_value_t = 4)]
+        processes: u64,
+        #[arg(long, default_value_t = 2000)]
+        count: u64,
+    },
+}
+
+impl Conn {
+    fn url(&self) -> String {
+        self.url.clone().unwrap_or_else(|| {
+            std::env::var("CTXSTORE_REDIS_URL")
+                .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+        })
+    }
+
+    async fn connect(&self) -> ctxstore::Result<RedisContextStorage> {
+        let mut builder = RedisContextStorage::builder(self.url())
+            .namespace(self.namespace.clone())
+            .lease(Duration::from_millis(self.lease_ms));
+        if let Some(ms) = self.renew_ms {
+            builder = builder.renewal_interval(Duration::from_millis(ms));
+        }
+        builder.connect().await
+    }
+
+    fn args(&self) -> Vec<String> {
+        let mut args = vec![
+            "--url".to_owned(),
+            self.url(),
+            "--namespace".to_owned(),
+            self.namespace.clone(),
+            "--lease-ms".to_owned(),
+            self.lease_ms.to_string(),
+        ];
+        if let Some(ms) = self.renew_ms {
+            args.extend(["--renew-ms".to_owned(), ms.to_string()]);
+        }
+        args
+    }
+}
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    // A closed pipe (the parent went away) is not worth a panic.
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("redis_workers: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> ctxstore::Result<ExitCode> {
+    let store = cli.conn.connect().await?;
+    match cli.role {
+        Role::Increment { id, count } => {
+            for _ in 0..count {
+                store.update_context(id, |c: &mut Counter| c.n += 1).await?;
+            }
+            say("DONE");
+            Ok(ExitCode::SUCCESS)
+        }
+        Role::Hold { id, hold_ms } => {
+            let mut guard = store.get_context::<Counter>(id).await?;
+            say(&format!("LOCKED {}", guard.version()));
+            tokio::time::sleep(Duration::from_millis(hold_ms)).await;
+            guard.n += 1;
+            match guard.commit().await {
+                Ok(v) => {
+                    say(&format!("COMMITTED {v}"));
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) if e.is_lease_lost() => {
+                    say("LEASE_LOST");
+                    Ok(ExitCode::from(3))
+                }
+                Err(e) => Err(e),
+            }
+        }
+        Role::Demo { processes, count } => {
+            let id = Uuid::new_v4();
+            store.store_context(id, Counter { n: 0 }).await?;
+            let exe = std::env::current_exe().expect("the path of this executable");
+            let started = Instant::now();
+            let mut children = Vec::new();
+            for _ in 0..processes {
+                let child = Command::new(&exe)
+                    .args(cli.conn.args())
+                    .args(["increment", "--id", &id.to_string(), "--count"])
+                    .arg(count.to_string())
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .expect("spawn a worker process");
+                children.push(child);
+            }
+            let mut failed = 0;
+            for mut child in children {
+                if !child.wait().map(|s| s.success()).unwrap_or(false) {
+                    failed += 1;
+                }
+            }
+            let elapsed = started.elapsed();
+            let total = store.get_context_snapshot::<Counter>(id).await?.n;
+            store.delete_context::<Counter>(id).await?;
+            println!(
+                "{processes} processes x {count} increments: counter = {total} (expected {}), \
+                 {failed} failed workers, {:.0} increments/s",
+                processes * count,
+                (processes * count) as f64 / elapsed.as_secs_f64()
+            );
+            Ok(if failed == 0 && total == processes * count {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
+        }
+    }
+}

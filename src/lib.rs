@@ -93,6 +93,10 @@ mod guard;
 mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
+#[cfg(feature = "redis")]
+mod redis;
+#[cfg(feature = "redis")]
+pub use redis::{RedisContextStorage, RedisContextStorageBuilder};
 mod storage;
 mod sync;
 mod util;
