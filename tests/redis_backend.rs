@@ -1,0 +1,591 @@
+//! Redis-specific behaviour of `RedisContextStorage` (feature `redis`; Redis
+//! at `CTXSTORE_REDIS_URL`, default `redis://127.0.0.1:6379`).
+//!
+//! Every test uses its own namespace, so they run in parallel and never see
+//! each other's keys. Two stores on one namespace stand in for two processes.
+//! Waits are bounded only by generous hang guards, never asserted on.
+#![cfg(feature = "redis")]
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ctxstore::{
+    Context, ContextStorage, ContextStorageExt, ContextType, RedisContextStorage, Uuid,
+};
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Job {
+    name: String,
+    done: u64,
+}
+
+impl Context for Job {
+    fn kind() -> &'static str {
+        "test.job"
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Other {
+    done: u64,
+}
+
+impl Context for Other {
+    fn kind() -> &'static str {
+        "test.other[1]*"
+    }
+}
+
+fn url() -> String {
+    std::env::var("CTXSTORE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+fn namespace() -> String {
+    format!("ctxstore-test-{}", Uuid::new_v4())
+}
+
+/// A store with a long lease: anything that completes quickly below was
+/// woken by a release, not by a lease running out.
+async fn store_in(ns: &str) -> RedisContextStorage {
+    RedisContextStorage::builder(url())
+        .namespace(ns)
+        .lease(Duration::from_secs(360))
+        .renewal_interval(Duration::from_secs(120))
+        .connect()
+        .await
+        .expect("Redis must be running for the redis tests (see CTXSTORE_REDIS_URL)")
+}
+
+async fn raw() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+async fn guard<F: Future>(what: &str, secs: u64, f: F) -> F::Output {
+    match tokio::time::timeout(Duration::from_secs(secs), f).await {
+        Ok(out) => out,
+        Err(_) => panic!("hang guard: {what} did not finish within {secs} s"),
+    }
+}
+
+fn job(done: u64) -> Job {
+    Job {
+        name: "nightly".into(),
+        done,
+    }
+}
+
+#[tokio::test]
+async fn round_trip_versions_and_errors() {
+    let store = store_in(&namespace()).await;
+    let id = Uuid::new_v4();
+    let missing = store.get_context_snapshot::<Job>(id).await.unwrap_err();
+    assert!(missing.is_not_found());
+    assert_eq!(
+        missing.to_string(),
+        format!("no Job context known for {id}")
+    );
+    assert!(store
+        .get_context::<Job>(id)
+        .await
+        .unwrap_err()
+        .is_not_found());
+    assert!(store
+        .delete_context::<Job>(id)
+        .await
+        .unwrap_err()
+        .is_not_found());
+    assert!(!store.contains_context::<Job>(id).await.unwrap());
+
+    let v0 = store.store_context(id, job(0)).await.unwrap();
+    let mut g = store.get_context::<Job>(id).await.unwrap();
+    assert_eq!((g.done, g.version()), (0, v0));
+    g.done = 5;
+    let v1 = g.commit().await.unwrap();
+    assert!(v1 > v0);
+    let snap = store.get_context_snapshot::<Job>(id).await.unwrap();
+    assert_eq!((snap.done, snap.version()), (5, v1));
+
+    let out = store
+        .update_context(id, |j: &mut Job| {
+            j.done += 1;
+            j.done
+        })
+        .await
+        .unwrap();
+    assert_eq!(out, 6);
+    // Rollback writes nothing.
+    let mut g = store.get_context::<Job>(id).await.unwrap();
+    g.done = 1000;
+    g.rollback();
+    let snap = store.get_context_snapshot::<Job>(id).await.unwrap();
+    assert_eq!(snap.done, 6);
+    assert!(snap.version() > v1);
+    // Typed keys: the same id under another type is another context.
+    assert!(!store.contains_context::<Other>(id).await.unwrap());
+    assert!(store.contains_context::<Job>(id).await.unwrap());
+    store.delete_context::<Job>(id).await.unwrap();
+    assert!(!store.contains_context::<Job>(id).await.unwrap());
+}
+
+#[tokio::test]
+async fn versions_are_never_reused_across_delete_and_recreate() {
+    let store = store_in(&namespace()).await;
+    let id = Uuid::new_v4();
+    let mut last = 0;
+    for round in 0..5 {
+        let v = store.store_context(id, job(round)).await.unwrap();
+        assert!(v > last, "version {v} after {last}");
+        store
+            .update_context(id, |j: &mut Job| j.done += 1)
+            .await
+            .unwrap();
+        let v2 = store
+            .get_context_snapshot::<Job>(id)
+            .await
+            .unwrap()
+            .version();
+        assert!(v2 > v);
+        last = v2;
+        store.delete_context::<Job>(id).await.unwrap();
+    }
+    // Another id of the same kind also starts above every deleted version.
+    let fresh = store.store_context(Uuid::new_v4(), job(0)).await.unwrap();
+    assert!(fresh > last);
+}
+
+#[tokio::test]
+async fn ids_by_scan_are_typed_and_complete() {
+    let store = store_in(&namespace()).await;
+    let mut jobs: Vec<Uuid> = (0..2500).map(|_| Uuid::new_v4()).collect();
+    for chunk in jobs.chunks(250) {
+        let futs: Vec<_> = chunk
+            .iter()
+            .map(|id| store.store_context(*id, job(0)))
+            .collect();
+        for f in futs {
+            f.await.unwrap();
+        }
+    }
+    let other = Uuid::new_v4();
+    store.store_context(other, Other { done: 1 }).await.unwrap();
+    // A held lock key must not show up as an id.
+    let held = store.get_context::<Job>(jobs[0]).await.unwrap();
+    let mut ids = store.context_ids::<Job>().await.unwrap();
+    ids.sort();
+    jobs.sort();
+    assert_eq!(ids, jobs);
+    // A kind with glob characters is matched literally.
+    assert_eq!(store.context_ids::<Other>().await.unwrap(), vec![other]);
+    held.rollback();
+}
+
+#[tokio::test]
+async fn try_and_timeout_refuse_while_another_process_holds() {
+    let ns = namespace();
+    let a = store_in(&ns).await;
+    let b = store_in(&ns).await;
+    let id = Uuid::new_v4();
+    a.store_context(id, job(0)).await.unwrap();
+    let held = a.get_context::<Job>(id).await.unwrap();
+    // Another "process".
+    assert!(b
+        .try_get_context::<Job>(id)
+        .await
+        .unwrap_err()
+        .is_would_block());
+    let e = b
+        .get_context_timeout::<Job>(id, Duration::from_millis(50))
+        .await
+        .unwrap_err();
+    assert!(e.is_timeout(), "{e}");
+    // The same process: the local queue answers without asking Redis.
+    assert!(a
+        .try_get_context::<Job>(id)
+        .await
+        .unwrap_err()
+        .is_would_block());
+    // Snapshots never wait for the holder.
+    let snap = guard("snapshot", 30, b.get_context_snapshot::<Job>(id)).await;
+    assert_eq!(snap.unwrap().done, 0);
+    drop(held);
+}
+
+#[tokio::test]
+async fn a_release_wakes_a_waiter_in_another_process() {
+    let ns = namespace();
+    let a = Arc::new(store_in(&ns).await);
+    let b = Arc::new(store_in(&ns).await);
+    let id = Uuid::new_v4();
+    a.store_context(id, job(0)).await.unwrap();
+    let mut held = a.get_context::<Job>(id).await.unwrap();
+    let waiter = tokio::spawn({
+        let b = b.clone();
+        async move { b.update_context(id, |j: &mut Job| j.done += 1).await }
+    });
+    // Let the waiter find the lock held and go to sleep.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    held.done = 10;
+    held.commit().await.unwrap();
+    // Lease 360 s, fallback poll 120 s: finishing within the guard means the
+    // pub/sub wake-up worked.
+    guard("woken waiter", 60, waiter).await.unwrap().unwrap();
+    assert_eq!(a.get_context_snapshot::<Job>(id).await.unwrap().done, 11);
+
+    // The same after a plain drop (rollback) instead of a commit.
+    let held = a.get_context::<Job>(id).await.unwrap();
+    let waiter = tokio::spawn({
+        let b = b.clone();
+        async move { b.get_context::<Job>(id).await.map(|g| g.done) }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(held);
+    assert_eq!(
+        guard("woken waiter", 60, waiter).await.unwrap().unwrap(),
+        11
+    );
+}
+
+#[tokio::test]
+async fn many_tasks_two_processes_no_lost_update() {
+    let ns = namespace();
+    let stores = [Arc::new(store_in(&ns).await), Arc::new(store_in(&ns).await)];
+    let id = Uuid::new_v4();
+    stores[0].store_context(id, job(0)).await.unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..16 {
+        let store = stores[t % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..25 {
+                store
+                    .update_context(id, |j: &mut Job| j.done += 1)
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        guard("increments", 120, t).await.unwrap();
+    }
+    assert_eq!(
+        stores[1]
+            .get_context_snapshot::<Job>(id)
+            .await
+            .unwrap()
+            .done,
+        400
+    );
+}
+
+#[tokio::test]
+async fn an_expired_lease_cannot_commit_and_the_newer_value_survives() {
+    let ns = namespace();
+    let a = store_in(&ns).await;
+    let b = store_in(&ns).await;
+    let id = Uuid::new_v4();
+    a.store_context(id, job(0)).await.unwrap();
+    let mut stale = a.get_context::<Job>(id).await.unwrap();
+    // The lease runs out (as for a paused process): remove the lock key.
+    let key = a.data_key(ContextType::of::<Job>(), id);
+    let mut conn = raw().await;
+    let _: () = redis::cmd("DEL")
+        .arg(format!("{key}:lock"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let newer = b.update_context(id, |j: &mut Job| j.done = 7).await;
+    newer.unwrap();
+    let v_newer = b.get_context_snapshot::<Job>(id).await.unwrap().version();
+    stale.done = 666;
+    let e = stale.commit().await.unwrap_err();
+    assert!(e.is_lease_lost(), "{e}");
+    assert_eq!(e.id(), Some(id));
+    let snap = a.get_context_snapshot::<Job>(id).await.unwrap();
+    assert_eq!((snap.done, snap.version()), (7, v_newer));
+    // And the lock is free again.
+    a.try_get_context::<Job>(id).await.unwrap().rollback();
+}
+
+#[tokio::test]
+async fn a_value_that_does_not_decode_is_a_codec_error_naming_the_key() {
+    let store = store_in(&namespace()).await;
+    let id = Uuid::new_v4();
+    store.store_context(id, job(1)).await.unwrap();
+    let key = store.data_key(ContextType::of::<Job>(), id);
+    let mut conn = raw().await;
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("value")
+        .arg(b"{\"name\": 12, garbage".as_slice())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let e = store.get_context_snapshot::<Job>(id).await.unwrap_err();
+    assert!(e.is_codec(), "{e}");
+    assert_eq!(e.id(), Some(id));
+    assert!(e.to_string().contains(&id.to_string()), "{e}");
+    let e = store.get_context::<Job>(id).await.unwrap_err();
+    assert!(e.is_codec(), "{e}");
+    // The lock taken to read it was given back: the context can be repaired.
+    guard(
+        "store after codec error",
+        60,
+        store.store_context(id, job(2)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(store.get_context_snapshot::<Job>(id).await.unwrap().done, 2);
+
+    // A corrupt version is a codec error too, not a panic.
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("version")
+        .arg("not-a-number")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let e = store.get_context_snapshot::<Job>(id).await.unwrap_err();
+    assert!(e.is_codec(), "{e}");
+}
+
+#[tokio::test]
+async fn cancelled_lock_futures_and_updates_leak_no_lease() {
+    let ns = namespace();
+    let a = store_in(&ns).await;
+    let b = store_in(&ns).await;
+    let id = Uuid::new_v4();
+    a.store_context(id, job(0)).await.unwrap();
+    // Lock futures dropped at every point of their life, including while
+    // the acquire script is in flight. A leaked lease would block the key
+    // for the 360 s lease.
+    for i in 0..200u64 {
+        let _ = tokio::time::timeout(Duration::from_micros(i * 10), a.get_context::<Job>(id)).await;
+        let _ = tokio::time::timeout(
+            Duration::from_micros(i * 10),
+            a.update_context(id, |j: &mut Job| j.done += 1),
+        )
+        .await;
+    }
+    // Another process gets the lock promptly (the background releases ran).
+    let g = guard("lock after cancellations", 60, async {
+        loop {
+            match b.try_get_context::<Job>(id).await {
+                Ok(g) => break g,
+                Err(e) if e.is_would_block() => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await;
+    g.rollback();
+}
+
+#[tokio::test]
+async fn guards_work_from_plain_threads() {
+    let store = Arc::new(store_in(&namespace()).await);
+    let id = Uuid::new_v4();
+    store.store_context(id, job(0)).await.unwrap();
+    let g = store.get_context::<Job>(id).await.unwrap();
+    let v = tokio::task::spawn_blocking(move || {
+        let mut g = g;
+        g.done = 3;
+        g.commit_blocking()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let snap = store.get_context_snapshot::<Job>(id).await.unwrap();
+    assert_eq!((snap.done, snap.version()), (3, v));
+    // Dropped on a plain thread: released in the background.
+    let g = store.get_context::<Job>(id).await.unwrap();
+    std::thread::spawn(move || drop(g)).join().unwrap();
+    guard(
+        "lock after drop on a thread",
+        60,
+        store.get_context::<Job>(id),
+    )
+    .await
+    .unwrap()
+    .rollback();
+}
+
+#[tokio::test]
+async fn bad_settings_and_unreachable_redis_are_errors() {
+    let e = RedisContextStorage::builder(url())
+        .lease(Duration::from_secs(1))
+        .renewal_interval(Duration::from_secs(2))
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(e.is_backend(), "{e}");
+    let e = RedisContextStorage::builder(url())
+        .namespace("a*b")
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(e.is_backend(), "{e}");
+    // Nothing listens on port 1.
+    let e = RedisContextStorage::connect("redis://127.0.0.1:1")
+        .await
+        .unwrap_err();
+    assert!(e.is_backend(), "{e}");
+    let e = RedisContextStorage::connect("not a url").await.unwrap_err();
+    assert!(e.is_backend(), "{e}");
+}
+
+#[tokio::test]
+async fn works_as_dyn_context_storage() {
+    let store: Arc<dyn ContextStorage> = Arc::new(store_in(&namespace()).await);
+    assert_eq!(store.backend_name(), "redis");
+    let id = Uuid::new_v4();
+    store.store_context(id, job(0)).await.unwrap();
+    store
+        .update_context(id, |j: &mut Job| j.done += 2)
+        .await
+        .unwrap();
+    assert_eq!(store.get_context_snapshot::<Job>(id).await.unwrap().done, 2);
+}
+
+// ---------------------------------------------------------------------------
+// Outages, through a TCP proxy the test can cut (the shared Redis stays up).
+
+mod proxy {
+    use std::net::SocketAddr;
+
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::watch;
+
+    pub struct Proxy {
+        pub addr: SocketAddr,
+        up: watch::Sender<bool>,
+    }
+
+    impl Proxy {
+        pub async fn start(target: String) -> Proxy {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (up, _) = watch::channel(true);
+            let rx = up.subscribe();
+            tokio::spawn(async move {
+                loop {
+                    let Ok((mut inbound, _)) = listener.accept().await else {
+                        return;
+                    };
+                    if !*rx.borrow() {
+                        drop(inbound);
+                        continue;
+                    }
+                    let mut rx = rx.clone();
+                    let target = target.clone();
+                    tokio::spawn(async move {
+                        let Ok(mut outbound) = TcpStream::connect(target).await else {
+                            return;
+                        };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                            _ = rx.wait_for(|up| !*up) => {}
+                        }
+                    });
+                }
+            });
+            Proxy { addr, up }
+        }
+
+        pub fn cut(&self) {
+            self.up.send_replace(false);
+        }
+
+        pub fn restore(&self) {
+            self.up.send_replace(true);
+        }
+    }
+}
+
+fn redis_host_port() -> String {
+    let url = url();
+    let rest = url.strip_prefix("redis://").unwrap_or(&url);
+    let rest = rest.rsplit('@').next().unwrap_or(rest);
+    rest.split('/').next().unwrap_or(rest).to_owned()
+}
+
+#[tokio::test]
+async fn redis_outage_gives_backend_errors_and_the_store_recovers() {
+    let proxy = proxy::Proxy::start(redis_host_port()).await;
+    let ns = namespace();
+    let store = RedisContextStorage::builder(format!("redis://{}", proxy.addr))
+        .namespace(&ns)
+        .lease(Duration::from_millis(600))
+        .renewal_interval(Duration::from_millis(200))
+        .response_timeout(Some(Duration::from_millis(300)))
+        .connection_timeout(Some(Duration::from_millis(300)))
+        .connect()
+        .await
+        .unwrap();
+    let id = Uuid::new_v4();
+    store.store_context(id, job(0)).await.unwrap();
+    let mut g = store.get_context::<Job>(id).await.unwrap();
+    g.done = 99;
+
+    proxy.cut();
+    // Every operation fails with a Backend error naming the key; none panics.
+    let e = guard(
+        "snapshot during outage",
+        60,
+        store.get_context_snapshot::<Job>(id),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.is_backend(), "{e}");
+    assert_eq!(e.id(), Some(id));
+    let e = guard("commit during outage", 60, g.commit())
+        .await
+        .unwrap_err();
+    assert!(e.is_backend() || e.is_lease_lost(), "{e}");
+    let e = guard(
+        "store during outage",
+        60,
+        store.store_context(Uuid::new_v4(), job(1)),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.is_backend(), "{e}");
+
+    // The guard (gone with the failed commit) left a lock that nobody renews:
+    // it expires by itself while Redis cannot be told.
+    let key = store.data_key(ContextType::of::<Job>(), id);
+    let mut conn = raw().await;
+    guard("lease expiry", 60, async {
+        loop {
+            let exists: bool = redis::cmd("EXISTS")
+                .arg(format!("{key}:lock"))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            if !exists {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+
+    proxy.restore();
+    // The connection manager reconnects; the store works again.
+    let v = guard("recovery", 120, async {
+        loop {
+            match store.update_context(id, |j: &mut Job| j.done += 1).await {
+                Ok(()) => break,
+                Err(e) if e.is_backend() => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        store.get_context_snapshot::<Job>(id).await.unwrap()
+    })
+    .await;
+    // The commit cut off by the outage wrote nothing.
+    assert_eq!(v.done, 1);
+}
