@@ -30,7 +30,7 @@
 //!
 //! store.update_context(id, |c: &mut JobContext| c.processed += 1).await?;
 //! store.delete_context::<JobContext>(id).await?;
-//! assert!(store.get_context_snapshot::<JobContext>(id).await.unwrap_err().is_not_found());
+//! assert!(store.get_context_snapshot::<JobContext>(id).await.is_err_and(|e| e.is_not_found()));
 //! # Ok(()) }
 //! ```
 //!
@@ -115,6 +115,11 @@ pub use storage::{
 };
 pub use uuid::Uuid;
 
+/// The README's examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 /// Internals exposed only for the loom models in `loom-tests/`.
 ///
 /// The engine's protocol types are `pub(crate)`, so they cannot be
@@ -173,6 +178,12 @@ pub mod __loom {
         pub fn load(&self) -> (u64, T) {
             let v = self.0.load();
             (v.version, v.value.clone())
+        }
+
+        /// A snapshot sharing the committed version (the engine's
+        /// `Snapshot::from_arc(slot.load())`), held as long as the caller likes.
+        pub fn snapshot(&self) -> crate::Snapshot<T> {
+            crate::Snapshot::from_arc(self.0.load())
         }
 
         /// The committed version, as `Slot::version` reads it.
