@@ -8,7 +8,8 @@
 //!
 //! Run: `RUSTFLAGS="--cfg ctxstore_loom" LOOM_MAX_PREEMPTIONS=2 cargo test --release`
 //! (add `-- --nocapture` to see the iterations each model explored).
-//! `LOOM_MAX_PREEMPTIONS` defaults to 2 here when unset.
+//! `LOOM_MAX_PREEMPTIONS` defaults to 2 here when unset;
+//! `CTXSTORE_LOOM_UNBOUNDED=1` removes the bound (every interleaving).
 //!
 //! Three kinds of failure count: an assertion below, a loom causality error
 //! on an `UnsafeCell` (the slot's spare allocation, or the `Exclusive` cell
@@ -90,7 +91,10 @@ fn check(name: &'static str, f: impl Fn() + Sync + Send + 'static) {
     let runs = std::sync::Arc::new(StdAtomicUsize::new(0));
     let counter = runs.clone();
     let mut builder = loom::model::Builder::new();
-    if builder.preemption_bound.is_none() {
+    if std::env::var_os("CTXSTORE_LOOM_UNBOUNDED").is_some() {
+        // Every interleaving, no preemption bound (the slow, exhaustive run).
+        builder.preemption_bound = None;
+    } else if builder.preemption_bound.is_none() {
         builder.preemption_bound = Some(2);
     }
     let start = Instant::now();
@@ -353,9 +357,19 @@ fn store_vs_guard_vs_snapshot() {
     });
 }
 
-/// A `try` refusal and a timed-out blocking wait racing a release never keep
-/// the lock and never take a hand-off meant for the waiter queued before
-/// them; the queued waiter is woken even though it re-polls with a new waker.
+/// The async timeout path: `get_context_timeout` drops the lock future when
+/// the timer fires; here it fires right after the first poll.
+fn async_timeout_expired(slot: &Slot<Val>) -> Result<Locked<Val>, Refused> {
+    match poll_once(&mut slot.lock()) {
+        Poll::Ready(Some(got)) => Ok(got),
+        Poll::Ready(None) => Err(Refused::Dead),
+        Poll::Pending => Err(Refused::TimedOut),
+    }
+}
+
+/// A `try` refusal, a timed-out blocking wait and a timed-out (dropped) lock
+/// future racing a release never keep the lock and never take a hand-off
+/// meant for the waiter queued before them; the queued waiter is woken even though it re-polls with a new waker.
 #[test]
 fn try_and_timeout_refusals_racing_release() {
     check("try_and_timeout_refusals_racing_release", || {
@@ -380,7 +394,11 @@ fn try_and_timeout_refusals_racing_release() {
             thread::spawn(move || {
                 let mut wins = 0;
                 type Attempt = fn(&Slot<Val>) -> Result<Locked<Val>, Refused>;
-                let attempts: [Attempt; 2] = [Slot::try_lock, Slot::lock_timeout_expired];
+                let attempts: [Attempt; 3] = [
+                    Slot::try_lock,
+                    Slot::lock_timeout_expired,
+                    async_timeout_expired,
+                ];
                 for attempt in attempts {
                     match attempt(&slot) {
                         Ok(got) => {
@@ -431,5 +449,75 @@ fn kill_racing_cancel() {
         );
         assert!(slot.is_dead() && slot.is_locked());
         assert_eq!(slot.try_lock().err(), Some(Refused::Dead));
+    });
+}
+
+/// Waiters queued in order A, B are served A then B (FIFO hand-off), each
+/// woken although it re-polls with a new waker.
+#[test]
+fn fifo_handoff_order() {
+    check("fifo_handoff_order", || {
+        let (slot, held) = Slot::new_locked(val(0, 0), 1);
+        let excl = Exclusive::new();
+        let waiters: Vec<_> = (1..=2)
+            .map(|turn| {
+                let mut fut = slot.lock();
+                assert!(poll_once(&mut fut).is_pending());
+                let excl = excl.clone();
+                (fut, excl, turn)
+            })
+            .collect();
+        let handles: Vec<_> = waiters
+            .into_iter()
+            .map(|(fut, excl, turn)| {
+                thread::spawn(move || {
+                    let got = block_on(fut).expect("never deleted");
+                    excl.enter(|v| {
+                        assert_eq!(*v, turn, "served out of arrival order");
+                        *v += 1;
+                    });
+                    drop(got);
+                })
+            })
+            .collect();
+        excl.enter(|v| *v = 1);
+        drop(held);
+        for h in handles {
+            h.join().unwrap();
+        }
+        assert_eq!(excl.enter(|v| *v), 3);
+        assert_free(&slot);
+    });
+}
+
+/// A snapshot held across two commits keeps showing its version: the
+/// superseded allocation is recycled into the next draft only when no
+/// reader holds it.
+#[test]
+fn held_snapshot_is_never_recycled() {
+    check("held_snapshot_is_never_recycled", || {
+        let slot = Slot::new(val(0, 0), 1);
+        let writer = {
+            let slot = slot.clone();
+            thread::spawn(move || {
+                for round in 1..=2 {
+                    let mut g = block_on(slot.lock()).expect("never deleted").guard();
+                    g.n += 1;
+                    g.tag = round;
+                    g.commit().expect("the holder's commit cannot conflict");
+                }
+            })
+        };
+        let snap = slot.snapshot();
+        let seen = (snap.version(), snap.n, snap.tag);
+        assert_eq!(seen.1, seen.0 - 1, "snapshot of an uncommitted value");
+        writer.join().unwrap();
+        assert_eq!(
+            (snap.version(), snap.n, snap.tag),
+            seen,
+            "a held snapshot changed"
+        );
+        assert_eq!(slot.load(), (3, val(2, 2)));
+        assert_free(&slot);
     });
 }
