@@ -1,0 +1,308 @@
+//! `PostgresContextStorage` against the hand-written row-lock code a user
+//! would otherwise write with the same driver (`tokio-postgres` +
+//! `deadpool-postgres`, same pool size, same table), in one process.
+//!
+//! Contenders:
+//!
+//! * `ctxstore`: `update_context(id, |c| c.n += 1)` through
+//!   `Arc<dyn ContextStorage>` (lock, decode, change, encode, commit).
+//! * `handwritten`: `client.transaction()`, `SELECT value … FOR UPDATE`,
+//!   serde decode, `UPDATE … SET value, version = version + 1`,
+//!   `commit()` — the plain four-round-trip version.
+//! * `handwritten_pipelined`: the same statements with `BEGIN` + `SELECT`
+//!   and `UPDATE` + `COMMIT` pipelined (two round trips, like ctxstore), to
+//!   show what the library itself costs.
+//!
+//! Workloads (one element = one increment; 8 tasks, pool of 16):
+//!
+//! * `pg_hot_key`: every task increments the same key.
+//! * `pg_spread`: each increment goes to a random key of 1,000.
+//! * `pg_snapshot`: sequential snapshot latency of one key, with the row
+//!   idle and while another connection holds its row lock (`held`);
+//!   `handwritten` is a plain `SELECT`.
+//!
+//! Needs Postgres at `CTXSTORE_POSTGRES_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/test`); uses (and drops) a table
+//! `ctx_bench_<unix secs>`.
+//!
+//! `cargo bench --features postgres --bench postgres` (add `-- pg_hot_key`
+//! to filter).
+
+use std::hint::black_box;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use ctxstore::{Context, ContextStorage, ContextStorageExt, PostgresContextStorage, Uuid};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio::runtime::Runtime;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::NoTls;
+
+const TASKS: u64 = 8;
+const POOL: usize = 16;
+const SPREAD_KEYS: usize = 1000;
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct Counter {
+    name: String,
+    n: u64,
+}
+
+impl Context for Counter {
+    fn kind() -> &'static str {
+        "ctxstore.bench.counter"
+    }
+}
+
+fn url() -> String {
+    std::env::var("CTXSTORE_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+struct Env {
+    rt: Runtime,
+    store: Arc<dyn ContextStorage>,
+    holder: PostgresContextStorage,
+    pool: Pool,
+    table: String,
+    hot: Uuid,
+    keys: Arc<Vec<Uuid>>,
+}
+
+impl Env {
+    fn new() -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let table = format!("ctx_bench_{secs}");
+        let (store, holder, pool, hot, keys) = rt.block_on(async {
+            let connect = || {
+                PostgresContextStorage::builder(url())
+                    .table(&table)
+                    .pool_size(POOL)
+                    .connect()
+            };
+            let store = connect().await.expect("Postgres for the bench");
+            let holder = connect().await.unwrap();
+            let mut config = tokio_postgres::Config::from_str(&url()).unwrap();
+            config.application_name("ctxstore-bench-baseline");
+            let manager = Manager::from_config(
+                config,
+                NoTls,
+                ManagerConfig {
+                    recycling_method: RecyclingMethod::Fast,
+                },
+            );
+            let pool = Pool::builder(manager).max_size(POOL).build().unwrap();
+            let store: Arc<dyn ContextStorage> = Arc::new(store);
+            let counter = Counter {
+                name: "bench".into(),
+                n: 0,
+            };
+            let hot = Uuid::new_v4();
+            store.store_context(hot, counter.clone()).await.unwrap();
+            let mut keys = Vec::with_capacity(SPREAD_KEYS);
+            for _ in 0..SPREAD_KEYS {
+                let id = Uuid::new_v4();
+                store.store_context(id, counter.clone()).await.unwrap();
+                keys.push(id);
+            }
+            (store, holder, pool, hot, Arc::new(keys))
+        });
+        Env {
+            rt,
+            store,
+            holder,
+            pool,
+            table,
+            hot,
+            keys,
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Who {
+    Ctxstore,
+    Handwritten,
+    Pipelined,
+}
+
+impl Who {
+    fn name(self) -> &'static str {
+        match self {
+            Who::Ctxstore => "ctxstore",
+            Who::Handwritten => "handwritten",
+            Who::Pipelined => "handwritten_pipelined",
+        }
+    }
+}
+
+/// One increment of `id`, as each contender does it.
+async fn increment(who: Who, store: &Arc<dyn ContextStorage>, pool: &Pool, table: &str, id: Uuid) {
+    let select = format!("SELECT value::text FROM {table} WHERE kind = $1 AND id = $2 FOR UPDATE");
+    let update = format!(
+        "UPDATE {table} SET value = $3::text::jsonb, version = version + 1, updated_at = now() \
+         WHERE kind = $1 AND id = $2"
+    );
+    let kind = Counter::kind();
+    match who {
+        Who::Ctxstore => store
+            .update_context(id, |c: &mut Counter| c.n += 1)
+            .await
+            .unwrap(),
+        Who::Handwritten => {
+            let mut client = pool.get().await.unwrap();
+            let select = client.prepare_cached(&select).await.unwrap();
+            let update = client.prepare_cached(&update).await.unwrap();
+            let tx = client.transaction().await.unwrap();
+            let row = tx.query_one(&select, &[&kind, &id]).await.unwrap();
+            let mut c: Counter = serde_json::from_str(row.get::<_, &str>(0)).unwrap();
+            c.n += 1;
+            let json = serde_json::to_string(&c).unwrap();
+            tx.execute(&update, &[&kind, &id, &json]).await.unwrap();
+            tx.commit().await.unwrap();
+        }
+        Who::Pipelined => {
+            let client = pool.get().await.unwrap();
+            let select = client.prepare_cached(&select).await.unwrap();
+            let update = client.prepare_cached(&update).await.unwrap();
+            let params: [&(dyn ToSql + Sync); 2] = [&kind, &id];
+            let (began, row) = tokio::join!(
+                client.batch_execute("BEGIN"),
+                client.query_one(&select, &params)
+            );
+            began.unwrap();
+            let row = row.unwrap();
+            let mut c: Counter = serde_json::from_str(row.get::<_, &str>(0)).unwrap();
+            c.n += 1;
+            let json = serde_json::to_string(&c).unwrap();
+            let params: [&(dyn ToSql + Sync); 3] = [&kind, &id, &json];
+            let (updated, committed) = tokio::join!(
+                client.execute(&update, &params),
+                client.batch_execute("COMMIT")
+            );
+            updated.unwrap();
+            committed.unwrap();
+        }
+    }
+}
+
+/// `iters` increments spread over `TASKS` tasks; returns the wall time.
+fn increments(env: &Env, who: Who, hot: bool, iters: u64) -> Duration {
+    let per_task = iters.div_ceil(TASKS);
+    let start = Instant::now();
+    env.rt.block_on(async {
+        let mut tasks = Vec::new();
+        for t in 0..TASKS {
+            let (store, pool, table) = (env.store.clone(), env.pool.clone(), env.table.clone());
+            let (keys, hot_id) = (env.keys.clone(), env.hot);
+            tasks.push(tokio::spawn(async move {
+                let mut x = t.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+                for _ in 0..per_task {
+                    let id = if hot {
+                        hot_id
+                    } else {
+                        // xorshift: a cheap random key per increment.
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        keys[(x % keys.len() as u64) as usize]
+                    };
+                    increment(who, &store, &pool, &table, id).await;
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    // Scale to exactly `iters` operations.
+    start
+        .elapsed()
+        .mul_f64(iters as f64 / (per_task * TASKS) as f64)
+}
+
+fn bench(c: &mut Criterion) {
+    let env = Env::new();
+    for (group, hot) in [("pg_hot_key", true), ("pg_spread", false)] {
+        let mut g = c.benchmark_group(group);
+        g.throughput(Throughput::Elements(1))
+            .sample_size(10)
+            .warm_up_time(Duration::from_secs(1))
+            .measurement_time(Duration::from_secs(6));
+        for who in [Who::Ctxstore, Who::Handwritten, Who::Pipelined] {
+            g.bench_function(who.name(), |b| {
+                b.iter_custom(|iters| increments(&env, who, hot, iters))
+            });
+        }
+        g.finish();
+    }
+
+    let mut g = c.benchmark_group("pg_snapshot");
+    g.sample_size(20)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    let id = env.hot;
+    let snapshot = |iters: u64| {
+        let start = Instant::now();
+        env.rt.block_on(async {
+            for _ in 0..iters {
+                black_box(env.store.get_context_snapshot::<Counter>(id).await.unwrap());
+            }
+        });
+        start.elapsed()
+    };
+    g.bench_function("ctxstore_idle", |b| b.iter_custom(snapshot));
+    // Another connection holds the row lock for the whole measurement.
+    let guard = env
+        .rt
+        .block_on(env.holder.get_context::<Counter>(id))
+        .unwrap();
+    g.bench_function("ctxstore_held", |b| b.iter_custom(snapshot));
+    let sql = format!(
+        "SELECT version, value::text FROM {} WHERE kind = $1 AND id = $2",
+        env.table
+    );
+    g.bench_function("handwritten_held", |b| {
+        b.iter_custom(|iters| {
+            let start = Instant::now();
+            env.rt.block_on(async {
+                for _ in 0..iters {
+                    let client = env.pool.get().await.unwrap();
+                    let stmt = client.prepare_cached(&sql).await.unwrap();
+                    let row = client
+                        .query_one(&stmt, &[&Counter::kind(), &id])
+                        .await
+                        .unwrap();
+                    let c: Counter = serde_json::from_str(row.get::<_, &str>(1)).unwrap();
+                    black_box((row.get::<_, i64>(0), c));
+                }
+            });
+            start.elapsed()
+        })
+    });
+    g.finish();
+    guard.rollback();
+
+    env.rt.block_on(async {
+        let client = env.pool.get().await.unwrap();
+        let _ = client
+            .batch_execute(&format!(
+                "DROP TABLE IF EXISTS {t}; DROP SEQUENCE IF EXISTS {t}_version_seq;",
+                t = env.table
+            ))
+            .await;
+    });
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
