@@ -425,3 +425,49 @@ fn tasks_threads_cancellation_deletes_exact_counts() {
         Err(mpsc::RecvTimeoutError::Disconnected) => panic!("stress run failed (see above)"),
     }
 }
+
+/// Regression: a context created while another thread deletes the previous
+/// incarnation of the same key must not reuse one of its versions. (The
+/// creator used to read the store's version floor before its insert, so a
+/// delete landing in between let it insert at a version the deleted
+/// incarnation had already used.)
+#[test]
+fn versions_never_repeat_when_create_races_delete() {
+    let store = Arc::new(InMemoryContextStorage::new());
+    let id = Uuid::from_u128(0xaba);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let (store, seen) = (store.clone(), seen.clone());
+            std::thread::spawn(move || {
+                let mut mine = Vec::new();
+                for i in 0..5_000u64 {
+                    match (i + t) % 3 {
+                        0 => mine.push(
+                            store
+                                .store_context_blocking(id, Counter { a: 0, b: 0 })
+                                .unwrap(),
+                        ),
+                        1 => {
+                            let _ = store.delete_context_blocking::<Counter>(id);
+                        }
+                        _ => {
+                            if let Ok(g) = store.try_get_context_blocking::<Counter>(id) {
+                                mine.push(g.commit_blocking().unwrap());
+                            }
+                        }
+                    }
+                }
+                seen.lock().unwrap().extend(mine);
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let mut seen = seen.lock().unwrap().clone();
+    let n = seen.len();
+    seen.sort_unstable();
+    seen.dedup();
+    assert_eq!(n - seen.len(), 0, "versions handed out twice for one key");
+}

@@ -60,7 +60,15 @@ pub struct InMemoryContextStorage {
     // Every version a deleted context ever reached is <= this, so a context
     // re-created under the same key starts above all its old versions.
     version_floor: AtomicU64,
+    // Creating and deleting contexts serialize per stripe of ids, so that a
+    // creator's read of `version_floor` and its insert are one step with
+    // respect to a delete of the same key (see `insert_new`). Only create
+    // and delete take it; locks, commits and snapshots never do.
+    create_delete: [std::sync::Mutex<()>; STRIPES],
 }
+
+/// Number of create/delete stripes.
+const STRIPES: usize = 64;
 
 impl Default for InMemoryContextStorage {
     fn default() -> Self {
@@ -91,6 +99,7 @@ impl InMemoryContextStorage {
         Self {
             table: Table::with_capacity(capacity),
             version_floor: AtomicU64::new(0),
+            create_delete: std::array::from_fn(|_| std::sync::Mutex::new(())),
         }
     }
 
@@ -301,11 +310,25 @@ impl InMemoryContextStorage {
 
     // ------------------------------------------------------------ internals
 
+    /// The create/delete stripe of `id`. It guards no data (a panic while
+    /// it is held cannot leave anything half-done), so poisoning is ignored.
+    fn stripe(&self, id: Uuid) -> std::sync::MutexGuard<'_, ()> {
+        let (hi, lo) = id.as_u64_pair();
+        self.create_delete[((hi ^ lo) % STRIPES as u64) as usize]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn insert_new<T: Context>(&self, id: Uuid, value: T) -> std::result::Result<u64, T> {
-        // SeqCst: pairs with the SeqCst `fetch_max` in `unlink_locked`, which
-        // precedes the unlink; a creator that finds the key absent (papaya's
-        // lookup acquires the unlink) sees the deleted context's last version.
-        let version = self.version_floor.load(Ordering::SeqCst) + 1;
+        // Reading the floor and inserting must not be split by a delete of
+        // this key: one landing in between (after a racing creator made the
+        // key live again) would raise the floor past `version` and unlink
+        // the key, so the insert would succeed at a version that deleted
+        // incarnation already used. The stripe lock makes them one step.
+        let _stripe = self.stripe(id);
+        // Relaxed: the stripe mutex orders this after the `fetch_max` of
+        // any earlier delete of this key (which holds the same stripe).
+        let version = self.version_floor.load(Ordering::Relaxed) + 1;
         let slot = StdArc::new(Slot::new(value, version));
         match self.table.try_insert(id, slot) {
             Ok(()) => Ok(version),
@@ -317,9 +340,13 @@ impl InMemoryContextStorage {
     }
 
     fn unlink_locked<T: Context>(&self, id: Uuid, slot: &StdArc<Slot<T>>) {
-        // SeqCst: pairs with the load in `insert_new` (see there).
+        // Never waited on while holding a slot lock by a creator (creators
+        // take only the stripe), so holding both here cannot deadlock.
+        let _stripe = self.stripe(id);
+        // Relaxed: ordered before a later creator's load by the stripe
+        // mutex (see `insert_new`).
         self.version_floor
-            .fetch_max(slot.version(), Ordering::SeqCst);
+            .fetch_max(slot.version(), Ordering::Relaxed);
         // Kill even if `remove` unwinds: papaya may reclaim an earlier
         // deleted value in there (after unlinking this entry), running a
         // user `Drop` that can panic. Queued waiters must still be failed.
