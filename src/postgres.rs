@@ -41,8 +41,11 @@
 
 use std::any::Any;
 use std::fmt;
+use std::future::{poll_fn, Future};
+use std::pin::pin;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
@@ -197,7 +200,12 @@ impl PostgresContextStorageBuilder {
         if config.get_application_name().is_none() {
             config.application_name(format!("ctxstore:{}", self.table));
         }
-        let timeout_ms = self.statement_timeout.as_millis().min(i32::MAX as u128);
+        // Whole milliseconds, rounded up: 0 would mean "no timeout".
+        let timeout_ms = self
+            .statement_timeout
+            .as_micros()
+            .div_ceil(1000)
+            .min(i32::MAX as u128);
         config.options(format!("-c statement_timeout={timeout_ms}"));
         let manager = Manager::from_config(
             config,
@@ -444,10 +452,11 @@ impl PostgresContextStorage {
             .map_err(|e| ty.backend_error(Some(id), pg(e)))?;
         let kind = ty.kind();
         let params: [&(dyn ToSql + Sync); 2] = [&kind, &id];
-        let (began, row) = tokio::join!(
+        let (began, row) = in_order(
             client.batch_execute(&begin),
-            client.query_opt(&stmt, &params)
-        );
+            client.query_opt(&stmt, &params),
+        )
+        .await;
         let row = match (began, row) {
             (Ok(()), Ok(Some(row))) => row,
             (Ok(()), Ok(None)) => {
@@ -506,12 +515,17 @@ impl PostgresContextStorage {
             // a holder; the UPDATE then takes the row lock, waiting for a
             // holder, and only then draws the version.
             let params: [&(dyn ToSql + Sync); 3] = [&kind, &id, &json];
-            let (began, inserted, updated, committed) = tokio::join!(
+            let (began, (inserted, (updated, committed))) = in_order(
                 client.batch_execute("BEGIN; SET LOCAL statement_timeout = 0"),
-                client.execute(&insert, &params),
-                client.query_opt(&update, &params),
-                client.batch_execute("COMMIT"),
-            );
+                in_order(
+                    client.execute(&insert, &params),
+                    in_order(
+                        client.query_opt(&update, &params),
+                        client.batch_execute("COMMIT"),
+                    ),
+                ),
+            )
+            .await;
             let committed_ok = committed.is_ok();
             match (began, inserted, updated, committed) {
                 (Ok(()), Ok(_), Ok(Some(row)), Ok(())) => {
@@ -564,11 +578,14 @@ impl PostgresContextStorage {
         // The DELETE waits for a holder's row lock (statement timeout off).
         let kind = ty.kind();
         let params: [&(dyn ToSql + Sync); 2] = [&kind, &id];
-        let (began, deleted, committed) = tokio::join!(
+        let (began, (deleted, committed)) = in_order(
             client.batch_execute("BEGIN; SET LOCAL statement_timeout = 0"),
-            client.execute(&stmt, &params),
-            client.batch_execute("COMMIT"),
-        );
+            in_order(
+                client.execute(&stmt, &params),
+                client.batch_execute("COMMIT"),
+            ),
+        )
+        .await;
         conn.clean = committed.is_ok();
         match (began, deleted, committed) {
             (Ok(()), Ok(0), Ok(())) => Err(ty.not_found(id)),
@@ -605,6 +622,38 @@ impl PostgresContextStorage {
         conn.clean = true;
         rows.iter().map(|r| r.try_get(0).map_err(err)).collect()
     }
+}
+
+/// Runs two futures concurrently, always polling `a` before `b`.
+///
+/// This is how requests are pipelined: `tokio_postgres` queues a request
+/// on its connection when the request's future is first polled, so the
+/// first poll's order is the order the statements reach the server, all in
+/// one write. (`tokio::join!` rotates its polling order; nest `in_order`
+/// for more than two.)
+async fn in_order<A: Future, B: Future>(a: A, b: B) -> (A::Output, B::Output) {
+    let (mut a, mut b) = (pin!(a), pin!(b));
+    let (mut out_a, mut out_b) = (None, None);
+    poll_fn(|cx| {
+        if out_a.is_none() {
+            if let Poll::Ready(v) = a.as_mut().poll(cx) {
+                out_a = Some(v);
+            }
+        }
+        if out_b.is_none() {
+            if let Poll::Ready(v) = b.as_mut().poll(cx) {
+                out_b = Some(v);
+            }
+        }
+        match (out_a.take(), out_b.take()) {
+            (Some(a), Some(b)) => Poll::Ready((a, b)),
+            (a, b) => {
+                (out_a, out_b) = (a, b);
+                Poll::Pending
+            }
+        }
+    })
+    .await
 }
 
 fn row_version(ty: &'static ContextType, id: Uuid, row: &tokio_postgres::Row) -> Result<u64> {
@@ -753,10 +802,11 @@ impl PgLease {
         let version = self.version as i64;
         let kind = ty.kind();
         let params: [&(dyn ToSql + Sync); 4] = [&kind, &id, &json, &version];
-        let (updated, committed) = tokio::join!(
+        let (updated, committed) = in_order(
             client.query_opt(&stmt, &params),
             client.batch_execute("COMMIT"),
-        );
+        )
+        .await;
         // COMMIT answered: the transaction is over (committed, or rolled
         // back if the UPDATE failed), so the connection is reusable.
         self.conn.clean = committed.is_ok();
