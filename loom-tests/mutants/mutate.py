@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""Plausible bugs for showing that the loom models bite (see mutants/run.sh).
+
+`mutate.py list` prints the mutant names; `mutate.py NAME` applies one to the
+engine sources in the current directory, which must be a throw-away copy of
+the repository (run.sh makes one under /tmp). Never run it in your checkout.
+Each mutant is (file, exact text, replacement); the text must occur once.
+"""
+import os
+import sys
+M = {
+ # A: Relaxed instead of Release in RawLock::unlock's fast path
+ "A_unlock_fast_relaxed": ("src/memory/park.rs",
+   ".compare_exchange(LOCKED, 0, Ordering::Release, Ordering::Relaxed)",
+   ".compare_exchange(LOCKED, 0, Ordering::Relaxed, Ordering::Relaxed)"),
+ # B: no re-check of the waiter state after register() in LockSlot::poll
+ "B_no_recheck_after_register": ("src/memory/mod.rs",
+   """        waiter.register(cx.waker());
+        // Re-check after registering: a hand-off between the check above and
+        // the registration woke the old waker (or none).
+        match waiter.state() {
+            GRANTED => this.finish(true),
+            KILLED => this.finish(false),
+            _ => Poll::Pending,
+        }""",
+   """        waiter.register(cx.waker());
+        Poll::Pending"""),
+ # C: wake before the state store in Waiter::complete
+ "C_wake_before_state_store": ("src/memory/park.rs",
+   """        self.state.store(to, Ordering::Release);
+        match std::mem::replace(&mut *self.notify.lock(), Notify::None) {
+            Notify::None => Wake::Nobody,
+            Notify::Waker(w) => Wake::Task(w),
+            Notify::Thread(t) => Wake::Thread(t),
+        }""",
+   """        let wake = match std::mem::replace(&mut *self.notify.lock(), Notify::None) {
+            Notify::None => Wake::Nobody,
+            Notify::Waker(w) => Wake::Task(w),
+            Notify::Thread(t) => Wake::Thread(t),
+        };
+        wake.wake();
+        self.state.store(to, Ordering::Release);
+        Wake::Nobody"""),
+ # D: a dropped LockSlot that was granted the lock does not pass it on
+ "D_cancel_drops_granted_lock": ("src/memory/mod.rs",
+   """            if slot.lock.cancel(waiter) {
+                // We were handed the lock but will never use it: pass it on.
+                slot.lock.unlock();
+            }""",
+   """            let _ = slot.lock.cancel(waiter);"""),
+ # E: Relaxed instead of Release on the hand-off (GRANTED store)
+ "E_handoff_store_relaxed": ("src/memory/park.rs",
+   "self.state.store(to, Ordering::Release);",
+   "self.state.store(to, Ordering::Relaxed);"),
+ # F: cancel() forgets to clear QUEUED when it empties the queue.
+ # EQUIVALENT (expected to pass every model): a stale QUEUED only sends the
+ # next release down the slow path, which finds the queue empty and frees.
+ "F_cancel_keeps_queued": ("src/memory/park.rs",
+   """                if queue.is_empty() {
+                    // Relaxed: see `unlock_slow`.
+                    self.state.fetch_and(!QUEUED, Ordering::Relaxed);
+                }
+                waiter.state.store(CANCELLED, Ordering::Relaxed);""",
+   """                waiter.state.store(CANCELLED, Ordering::Relaxed);"""),
+ # G: first poll registers the waker after enqueueing (without re-check)
+ "G_register_after_enqueue": ("src/memory/mod.rs",
+   """            waiter.register(cx.waker());
+            return match slot.lock.enqueue(&waiter) {""",
+   """            let queued = slot.lock.enqueue(&waiter);
+            crate::sync::spin_hint();
+            waiter.register(cx.waker());
+            return match queued {"""),
+ # H: the timed blocking wait ignores a hand-off that raced its cancel
+ "H_timeout_ignores_granted": ("src/memory/mod.rs",
+   """                    if slot.lock.cancel(&waiter) {
+                        return Blocking::Locked;
+                    }""",
+   """                    let _ = slot.lock.cancel(&waiter);"""),
+ # I: the release that empties the queue forgets to clear QUEUED.
+ # EQUIVALENT for the same reason as F (a cost, not a bug).
+ "I_unlock_slow_keeps_queued": ("src/memory/park.rs",
+   """                if queue.is_empty() {
+                    // Relaxed: QUEUED is only read by CASes that are
+                    // ordered with this one by the queue mutex or by
+                    // coherence of the lock word.
+                    self.state.fetch_and(!QUEUED, Ordering::Relaxed);
+                }""", ""),
+ # J: try_lock's CAS Relaxed instead of Acquire
+ "J_try_lock_relaxed": ("src/memory/park.rs",
+   ".compare_exchange(0, LOCKED, Ordering::Acquire, Ordering::Relaxed)",
+   ".compare_exchange(0, LOCKED, Ordering::Relaxed, Ordering::Relaxed)"),
+ # K: recycling keeps a superseded version that one reader still holds
+ "K_recycle_off_by_one": ("src/memory/slot.rs",
+   "if Arc::get_mut(&mut arc).is_some() {",
+   "if Arc::strong_count(&arc) <= 2 {"),
+ # L: kill marks waiters KILLED but forgets to wake them
+ "L_kill_forgets_wakeups": ("src/memory/park.rs",
+   """        for w in wakes {
+            w.wake();
+        }""",
+   """        drop(wakes);"""),
+ # M: cancel treats any completed waiter (KILLED too) as granted
+ "M_cancel_killed_as_granted": ("src/memory/park.rs",
+   """            GRANTED => true,
+            _ => false,""",
+   """            _ => true,"""),
+}
+if sys.argv[1] == "list":
+    print("\n".join(M)); sys.exit()
+if not os.path.exists(".loom-mutant"):
+    sys.exit("refusing to mutate a checkout: run mutants/run.sh, which works on a copy")
+f, old, new = M[sys.argv[1]]
+s = open(f).read()
+assert s.count(old) == 1, (sys.argv[1], s.count(old))
+open(f, "w").write(s.replace(old, new))
