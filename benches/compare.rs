@@ -506,6 +506,8 @@ const KEYS: usize = 10_000;
 const W7_TASKS: usize = 32;
 const W7_THREADS: usize = 2;
 const W7_KEYS: usize = 100;
+/// Capacity hint for the churn workloads (at most 64 contexts live at once).
+const W6_CAPACITY: usize = 1024;
 
 /// xorshift64*: cheap per-task randomness (key choice must not dominate).
 struct Rng(u64);
@@ -579,18 +581,45 @@ fn populate<C: Contender<V>, V: Value>(rt: &Runtime, c: &C, keys: &[Uuid]) {
     });
 }
 
-struct Setup<'a> {
-    rt: &'a Runtime,
+/// Where a workload's batch goes: criterion (`iter_custom`), or a plain
+/// loop for profilers (`CTXSTORE_BENCH_CHILD=run:...`).
+trait Sink {
+    /// `batch(iters)` runs `iters` iterations of `elements` operations each
+    /// and returns their wall time.
+    fn run(&mut self, name: &str, elements: u64, batch: &mut dyn FnMut(u64) -> Duration);
+}
+
+struct CriterionSink<'g, 'c> {
+    group: &'g mut BenchmarkGroup<'c, WallTime>,
     /// In scaling mode, the worker count (the benchmark id's parameter).
     workers: Option<usize>,
 }
 
-impl Setup<'_> {
-    fn id(&self, name: &str) -> BenchmarkId {
-        match self.workers {
+impl Sink for CriterionSink<'_, '_> {
+    fn run(&mut self, name: &str, elements: u64, batch: &mut dyn FnMut(u64) -> Duration) {
+        let id = match self.workers {
             Some(w) => BenchmarkId::new(name, w),
             None => BenchmarkId::from_parameter(name),
-        }
+        };
+        self.group.throughput(Throughput::Elements(elements));
+        self.group
+            .bench_function(id, |b| b.iter_custom(|iters| batch(iters)));
+    }
+}
+
+/// Runs one batch of `iters` iterations and prints the rate.
+struct LoopSink {
+    iters: u64,
+}
+
+impl Sink for LoopSink {
+    fn run(&mut self, name: &str, elements: u64, batch: &mut dyn FnMut(u64) -> Duration) {
+        let took = batch(self.iters);
+        let ops = elements * self.iters;
+        println!(
+            "{name}: {ops} ops in {took:?} = {:.0} ops/s",
+            ops as f64 / took.as_secs_f64()
+        );
     }
 }
 
@@ -602,98 +631,86 @@ const W5_PER: u64 = 32;
 const W6_PER: u64 = 2;
 const W7_PER: u64 = 32;
 
-fn w1<C: Contender<V>, V: Value>(g: &mut BenchmarkGroup<'_, WallTime>, s: &Setup<'_>) {
+fn w1<C: Contender<V>, V: Value>(sink: &mut dyn Sink, rt: &Runtime) {
     let c = Arc::new(C::with_capacity(16));
     let key = Uuid::from_u64_pair(1, 1);
-    s.rt.block_on(c.store(key, V::fresh(1)));
-    g.throughput(Throughput::Elements(TASKS as u64 * W1_PER));
-    g.bench_function(s.id(C::NAME), |b| {
-        b.iter_custom(|iters| {
-            run_tasks(s.rt, TASKS, |_| {
-                let c = c.clone();
-                async move {
-                    for _ in 0..iters * W1_PER {
-                        black_box(c.mutate(key).await);
-                    }
+    rt.block_on(c.store(key, V::fresh(1)));
+    sink.run(C::NAME, TASKS as u64 * W1_PER, &mut |iters| {
+        run_tasks(rt, TASKS, |_| {
+            let c = c.clone();
+            async move {
+                for _ in 0..iters * W1_PER {
+                    black_box(c.mutate(key).await);
                 }
-            })
+            }
         })
     });
 }
 
-fn w2<C: Contender<V>, V: Value>(g: &mut BenchmarkGroup<'_, WallTime>, s: &Setup<'_>) {
+fn w2<C: Contender<V>, V: Value>(sink: &mut dyn Sink, rt: &Runtime) {
     let c = Arc::new(C::with_capacity(KEYS));
     let ks = keys(KEYS);
-    populate(s.rt, &*c, &ks);
-    g.throughput(Throughput::Elements(TASKS as u64 * W2_PER));
-    g.bench_function(s.id(C::NAME), |b| {
-        b.iter_custom(|iters| {
-            run_tasks(s.rt, TASKS, |_| {
-                let (c, ks) = (c.clone(), ks.clone());
-                async move {
-                    let mut rng = Rng::new(seed());
-                    for _ in 0..iters * W2_PER {
-                        black_box(c.mutate(ks[rng.below(ks.len())]).await);
-                    }
+    populate(rt, &*c, &ks);
+    sink.run(C::NAME, TASKS as u64 * W2_PER, &mut |iters| {
+        run_tasks(rt, TASKS, |_| {
+            let (c, ks) = (c.clone(), ks.clone());
+            async move {
+                let mut rng = Rng::new(seed());
+                for _ in 0..iters * W2_PER {
+                    black_box(c.mutate(ks[rng.below(ks.len())]).await);
                 }
-            })
+            }
         })
     });
 }
 
-fn w4<C: Contender<V>, V: Value>(g: &mut BenchmarkGroup<'_, WallTime>, s: &Setup<'_>) {
+fn w4<C: Contender<V>, V: Value>(sink: &mut dyn Sink, rt: &Runtime) {
     let c = Arc::new(C::with_capacity(KEYS));
     let ks = keys(KEYS);
-    populate(s.rt, &*c, &ks);
-    g.throughput(Throughput::Elements(TASKS as u64 * W4_PER));
-    g.bench_function(s.id(C::NAME), |b| {
-        b.iter_custom(|iters| {
-            run_tasks(s.rt, TASKS, |_| {
-                let (c, ks) = (c.clone(), ks.clone());
-                async move {
-                    let mut rng = Rng::new(seed());
-                    for _ in 0..iters * W4_PER {
-                        black_box(c.snapshot(ks[rng.below(ks.len())]).await);
-                    }
+    populate(rt, &*c, &ks);
+    sink.run(C::NAME, TASKS as u64 * W4_PER, &mut |iters| {
+        run_tasks(rt, TASKS, |_| {
+            let (c, ks) = (c.clone(), ks.clone());
+            async move {
+                let mut rng = Rng::new(seed());
+                for _ in 0..iters * W4_PER {
+                    black_box(c.snapshot(ks[rng.below(ks.len())]).await);
                 }
-            })
+            }
         })
     });
 }
 
-fn w5<C: Contender<V>, V: Value>(g: &mut BenchmarkGroup<'_, WallTime>, s: &Setup<'_>) {
+fn w5<C: Contender<V>, V: Value>(sink: &mut dyn Sink, rt: &Runtime) {
     let c = Arc::new(C::with_capacity(KEYS + TASKS));
     let ks = keys(KEYS);
-    populate(s.rt, &*c, &ks);
-    g.throughput(Throughput::Elements(TASKS as u64 * W5_PER));
-    g.bench_function(s.id(C::NAME), |b| {
-        b.iter_custom(|iters| {
-            run_tasks(s.rt, TASKS, |_| {
-                let (c, ks) = (c.clone(), ks.clone());
-                async move {
-                    let mut rng = Rng::new(seed());
-                    // The 1%: alternately store a fresh id and delete it, so
-                    // the 10,000 long-lived keys stay put.
-                    let mut mine: Option<Uuid> = None;
-                    for _ in 0..iters * W5_PER {
-                        let r = rng.below(1000);
-                        if r < 900 {
-                            black_box(c.snapshot(ks[rng.below(ks.len())]).await);
-                        } else if r < 990 {
-                            black_box(c.mutate(ks[rng.below(ks.len())]).await);
-                        } else if let Some(id) = mine.take() {
-                            black_box(c.delete(id).await);
-                        } else {
-                            let id = rng.id();
-                            c.store(id, V::fresh(7)).await;
-                            mine = Some(id);
-                        }
-                    }
-                    if let Some(id) = mine {
-                        c.delete(id).await;
+    populate(rt, &*c, &ks);
+    sink.run(C::NAME, TASKS as u64 * W5_PER, &mut |iters| {
+        run_tasks(rt, TASKS, |_| {
+            let (c, ks) = (c.clone(), ks.clone());
+            async move {
+                let mut rng = Rng::new(seed());
+                // The 1%: alternately store a fresh id and delete it, so
+                // the 10,000 long-lived keys stay put.
+                let mut mine: Option<Uuid> = None;
+                for _ in 0..iters * W5_PER {
+                    let r = rng.below(1000);
+                    if r < 900 {
+                        black_box(c.snapshot(ks[rng.below(ks.len())]).await);
+                    } else if r < 990 {
+                        black_box(c.mutate(ks[rng.below(ks.len())]).await);
+                    } else if let Some(id) = mine.take() {
+                        black_box(c.delete(id).await);
+                    } else {
+                        let id = rng.id();
+                        c.store(id, V::fresh(7)).await;
+                        mine = Some(id);
                     }
                 }
-            })
+                if let Some(id) = mine {
+                    c.delete(id).await;
+                }
+            }
         })
     });
 }
@@ -709,33 +726,29 @@ async fn lifecycle<C: Contender<V>, V: Value>(c: &C, rng: &mut Rng) {
     black_box(c.delete(id).await);
 }
 
-fn w6<C: Contender<V>, V: Value>(g: &mut BenchmarkGroup<'_, WallTime>, s: &Setup<'_>) {
-    let c = Arc::new(C::with_capacity(TASKS));
-    g.throughput(Throughput::Elements(TASKS as u64 * W6_PER));
-    g.bench_function(s.id(C::NAME), |b| {
-        b.iter_custom(|iters| {
-            run_tasks(s.rt, TASKS, |_| {
-                let c = c.clone();
-                async move {
-                    let mut rng = Rng::new(seed());
-                    for _ in 0..iters * W6_PER {
-                        lifecycle(&*c, &mut rng).await;
-                    }
+fn w6<C: Contender<V>, V: Value>(sink: &mut dyn Sink, rt: &Runtime) {
+    let c = Arc::new(C::with_capacity(W6_CAPACITY));
+    sink.run(C::NAME, TASKS as u64 * W6_PER, &mut |iters| {
+        run_tasks(rt, TASKS, |_| {
+            let c = c.clone();
+            async move {
+                let mut rng = Rng::new(seed());
+                for _ in 0..iters * W6_PER {
+                    lifecycle(&*c, &mut rng).await;
                 }
-            })
+            }
         })
     });
 }
 
-fn w7<C: Contender<V>, V: Value>(g: &mut BenchmarkGroup<'_, WallTime>, s: &Setup<'_>) {
+fn w7<C: Contender<V>, V: Value>(sink: &mut dyn Sink, rt: &Runtime) {
     let c = Arc::new(C::with_capacity(W7_KEYS));
     let ks = keys(W7_KEYS);
-    populate(s.rt, &*c, &ks);
-    g.throughput(Throughput::Elements(
+    populate(rt, &*c, &ks);
+    sink.run(
+        C::NAME,
         (W7_TASKS + W7_THREADS) as u64 * W7_PER,
-    ));
-    g.bench_function(s.id(C::NAME), |b| {
-        b.iter_custom(|iters| {
+        &mut |iters| {
             let start = Instant::now();
             std::thread::scope(|scope| {
                 for _ in 0..W7_THREADS {
@@ -747,7 +760,7 @@ fn w7<C: Contender<V>, V: Value>(g: &mut BenchmarkGroup<'_, WallTime>, s: &Setup
                         }
                     });
                 }
-                run_tasks(s.rt, W7_TASKS, |_| {
+                run_tasks(rt, W7_TASKS, |_| {
                     let (c, ks) = (c.clone(), ks.clone());
                     async move {
                         let mut rng = Rng::new(seed());
@@ -758,46 +771,38 @@ fn w7<C: Contender<V>, V: Value>(g: &mut BenchmarkGroup<'_, WallTime>, s: &Setup
                 });
             });
             start.elapsed()
-        })
-    });
+        },
+    );
 }
 
 /// Ceiling for a lock: one uncontended CAS per op, each task on its own
 /// cache line.
-fn limit_cas(g: &mut BenchmarkGroup<'_, WallTime>, s: &Setup<'_>, per: u64) {
+fn limit_cas(sink: &mut dyn Sink, rt: &Runtime, per: u64) {
     let cells: Arc<Vec<CachePadded<AtomicU64>>> = Arc::new(
         (0..TASKS)
             .map(|_| CachePadded::new(AtomicU64::new(0)))
             .collect(),
     );
-    g.throughput(Throughput::Elements(TASKS as u64 * per));
-    g.bench_function(s.id("limit_cas"), |b| {
-        b.iter_custom(|iters| {
-            run_tasks(s.rt, TASKS, |t| {
-                let cells = cells.clone();
-                async move {
-                    let cell = &cells[t];
-                    for _ in 0..iters * per {
-                        let v = cell.load(Ordering::Relaxed);
-                        // AcqRel: the ordering a lock acquire would use (the
-                        // ceiling must cost what a lock's CAS costs); nothing
-                        // else reads these cells.
-                        black_box(cell.compare_exchange(
-                            v,
-                            v + 1,
-                            Ordering::AcqRel,
-                            Ordering::Relaxed,
-                        ))
+    sink.run("limit_cas", TASKS as u64 * per, &mut |iters| {
+        run_tasks(rt, TASKS, |t| {
+            let cells = cells.clone();
+            async move {
+                let cell = &cells[t];
+                for _ in 0..iters * per {
+                    let v = cell.load(Ordering::Relaxed);
+                    // AcqRel: the ordering a lock acquire would use (the
+                    // ceiling must cost what a lock's CAS costs); nothing
+                    // else reads these cells.
+                    black_box(cell.compare_exchange(v, v + 1, Ordering::AcqRel, Ordering::Relaxed))
                         .ok();
-                    }
                 }
-            })
+            }
         })
     });
 }
 
 /// Ceiling for a snapshot: a bare `papaya` get + `ArcSwap::load_full`.
-fn limit_load_full<V: Value>(g: &mut BenchmarkGroup<'_, WallTime>, s: &Setup<'_>) {
+fn limit_load_full<V: Value>(sink: &mut dyn Sink, rt: &Runtime) {
     let map: Arc<papaya::HashMap<Uuid, ArcSwap<V>>> =
         Arc::new(papaya::HashMap::with_capacity(KEYS));
     let ks = keys(KEYS);
@@ -805,10 +810,11 @@ fn limit_load_full<V: Value>(g: &mut BenchmarkGroup<'_, WallTime>, s: &Setup<'_>
         map.pin()
             .insert(k, ArcSwap::from_pointee(V::fresh(i as u64)));
     }
-    g.throughput(Throughput::Elements(TASKS as u64 * W4_PER));
-    g.bench_function(s.id("limit_papaya_load_full"), |b| {
-        b.iter_custom(|iters| {
-            run_tasks(s.rt, TASKS, |_| {
+    sink.run(
+        "limit_papaya_load_full",
+        TASKS as u64 * W4_PER,
+        &mut |iters| {
+            run_tasks(rt, TASKS, |_| {
                 let (map, ks) = (map.clone(), ks.clone());
                 async move {
                     let mut rng = Rng::new(seed());
@@ -818,8 +824,8 @@ fn limit_load_full<V: Value>(g: &mut BenchmarkGroup<'_, WallTime>, s: &Setup<'_>
                     }
                 }
             })
-        })
-    });
+        },
+    );
 }
 
 // ------------------------------------------------------------------ extras
@@ -831,6 +837,8 @@ struct Sizes {
     w3_hold: Duration,
     fair_per_task: u64,
     w6_lifecycles: u64,
+    /// Wall-time cap per contender for the W6 memory pass.
+    w6_budget: Duration,
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
@@ -972,33 +980,42 @@ fn rss_bytes() -> Option<u64> {
 
 const CHILD_ENV: &str = "CTXSTORE_BENCH_CHILD";
 
-/// In the child process: `lifecycles` lifecycles over 64 tasks, RSS before
-/// and after (the store still alive, all its contexts deleted).
-fn w6_child<C: Contender<V>, V: Value>(name: &str, lifecycles: u64) {
+/// In the child process: `lifecycles` lifecycles over 64 tasks (or as many
+/// as fit in `budget`), RSS before and after (the store still alive, all its
+/// contexts deleted).
+fn w6_child<C: Contender<V>, V: Value>(name: &str, lifecycles: u64, budget: Duration) {
     if name != C::NAME {
         return;
     }
     let rt = runtime(default_workers());
-    let c = Arc::new(C::with_capacity(0));
+    let c = Arc::new(C::with_capacity(W6_CAPACITY));
     let before = rss_bytes().unwrap_or(0);
     let per = lifecycles.div_ceil(TASKS as u64);
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + budget;
     let took = run_tasks(&rt, TASKS, |t| {
-        let c = c.clone();
+        let (c, done) = (c.clone(), done.clone());
         async move {
             let mut rng = Rng::new(0x5EED + t as u64);
-            for _ in 0..per {
+            for i in 0..per {
+                if i % 64 == 0 && Instant::now() > deadline {
+                    break;
+                }
                 lifecycle(&*c, &mut rng).await;
+                done.fetch_add(1, Ordering::Relaxed);
             }
         }
     });
     let after = rss_bytes().unwrap_or(0);
+    let done = done.load(Ordering::Relaxed);
     let j = serde_json::json!({
         "contender": C::NAME,
-        "lifecycles": per * TASKS as u64,
+        "lifecycles": done,
+        "budget_hit": done < per * TASKS as u64,
         "rss_before_bytes": before,
         "rss_after_bytes": after,
         "rss_delta_bytes": after as i64 - before as i64,
-        "lifecycles_per_s": (per * TASKS as u64) as f64 / took.as_secs_f64(),
+        "lifecycles_per_s": done as f64 / took.as_secs_f64(),
     });
     println!("W6_RSS_RESULT {j}");
 }
@@ -1006,7 +1023,15 @@ fn w6_child<C: Contender<V>, V: Value>(name: &str, lifecycles: u64) {
 fn w6_rss<C: Contender<V>, V: Value>(sz: Sizes, out: &mut Vec<serde_json::Value>) {
     let exe = std::env::current_exe().expect("current_exe");
     let child = std::process::Command::new(exe)
-        .env(CHILD_ENV, format!("w6:{}:{}", C::NAME, sz.w6_lifecycles))
+        .env(
+            CHILD_ENV,
+            format!(
+                "w6:{}:{}:{}",
+                C::NAME,
+                sz.w6_lifecycles,
+                sz.w6_budget.as_millis()
+            ),
+        )
         .output()
         .expect("spawn the W6 child");
     let stdout = String::from_utf8_lossy(&child.stdout);
@@ -1044,6 +1069,42 @@ fn write_extras(name: &str, rows: Vec<serde_json::Value>, meta: &serde_json::Val
     let path = dir.join(format!("{name}.json"));
     std::fs::write(&path, serde_json::to_string_pretty(&doc).expect("json")).expect("write extras");
     println!("wrote {}", path.display());
+}
+
+/// The criterion groups, in order, and the workload each runs.
+const GROUPS: &[(&str, &str)] = &[
+    ("W1_hot_key", "w1"),
+    ("W2_spread", "w2"),
+    ("W4_snapshot", "w4"),
+    ("W4_snapshot_4KiB", "w4_4k"),
+    ("W5_mixed", "w5"),
+    ("W6_lifecycle", "w6"),
+    ("W7_threads_tasks", "w7"),
+];
+
+fn workload_for<C: Contender<V>, V: Value>(workload: &str, sink: &mut dyn Sink, rt: &Runtime) {
+    match workload {
+        "w1" => w1::<C, V>(sink, rt),
+        "w2" => w2::<C, V>(sink, rt),
+        "w4" => w4::<C, V>(sink, rt),
+        "w5" => w5::<C, V>(sink, rt),
+        "w6" => w6::<C, V>(sink, rt),
+        "w7" => w7::<C, V>(sink, rt),
+        other => eprintln!("unknown workload {other:?}"),
+    }
+}
+
+/// Profiling entry (`CTXSTORE_BENCH_CHILD=run:<workload>:<contender>:<iters>`):
+/// one contender, one workload, no criterion in the profile.
+fn run_one<C: Contender<V>, V: Value>(
+    workload: &str,
+    name: &str,
+    sink: &mut dyn Sink,
+    rt: &Runtime,
+) {
+    if name == C::NAME {
+        workload_for::<C, V>(workload, sink, rt);
+    }
 }
 
 // -------------------------------------------------------------------- main
@@ -1088,11 +1149,28 @@ fn filter_arg() -> Option<String> {
 
 fn main() {
     if let Ok(spec) = std::env::var(CHILD_ENV) {
-        let mut parts = spec.splitn(3, ':');
-        let (kind, name, n) = (parts.next(), parts.next(), parts.next());
-        match (kind, name, n.and_then(|n| n.parse::<u64>().ok())) {
-            (Some("w6"), Some(name), Some(n)) => for_each_contender!(JobCtx, w6_child(name, n)),
-            _ => eprintln!("{CHILD_ENV}={spec:?}: expected w6:<contender>:<lifecycles>"),
+        let parts: Vec<&str> = spec.split(':').collect();
+        match parts[..] {
+            ["w6", name, n, budget_ms] => {
+                let n = n.parse().unwrap_or(0);
+                let budget = Duration::from_millis(budget_ms.parse().unwrap_or(60_000));
+                for_each_contender!(JobCtx, w6_child(name, n, budget));
+            }
+            ["run", workload, name, iters] if iters.parse::<u64>().is_ok() => {
+                let rt = runtime(default_workers());
+                let mut sink = LoopSink {
+                    iters: iters.parse().unwrap_or(1),
+                };
+                if workload == "w4_4k" {
+                    for_each_contender!(BigCtx, run_one("w4", name, &mut sink, &rt));
+                } else {
+                    for_each_contender!(JobCtx, run_one(workload, name, &mut sink, &rt));
+                }
+            }
+            _ => eprintln!(
+                "{CHILD_ENV}={spec:?}: expected w6:<contender>:<lifecycles>:<budget_ms> or \
+                 run:<w1|w2|w4|w4_4k|w5|w6|w7>:<contender>:<iterations>"
+            ),
         }
         return;
     }
@@ -1145,86 +1223,44 @@ fn main() {
     });
 
     if let Some(counts) = scaling {
-        let runtimes: Vec<(usize, Runtime)> = counts.iter().map(|&n| (n, runtime(n))).collect();
-        {
-            let mut g = c.benchmark_group("scale_W1_hot_key");
-            for (n, rt) in &runtimes {
-                let s = Setup {
-                    rt,
-                    workers: Some(*n),
+        for (n, rt) in counts.iter().map(|&n| (n, runtime(n))) {
+            for (group, workload) in [
+                ("scale_W1_hot_key", "w1"),
+                ("scale_W2_spread", "w2"),
+                ("scale_W4_snapshot", "w4"),
+            ] {
+                let mut g = c.benchmark_group(group);
+                let mut sink = CriterionSink {
+                    group: &mut g,
+                    workers: Some(n),
                 };
-                for_each_contender!(JobCtx, w1(&mut g, &s));
+                for_each_contender!(JobCtx, workload_for(workload, &mut sink, &rt));
+                g.finish();
             }
-            g.finish();
-        }
-        {
-            let mut g = c.benchmark_group("scale_W2_spread");
-            for (n, rt) in &runtimes {
-                let s = Setup {
-                    rt,
-                    workers: Some(*n),
-                };
-                for_each_contender!(JobCtx, w2(&mut g, &s));
-            }
-            g.finish();
-        }
-        {
-            let mut g = c.benchmark_group("scale_W4_snapshot");
-            for (n, rt) in &runtimes {
-                let s = Setup {
-                    rt,
-                    workers: Some(*n),
-                };
-                for_each_contender!(JobCtx, w4(&mut g, &s));
-            }
-            g.finish();
         }
         c.final_summary();
         return;
     }
 
     let rt = runtime(workers);
-    let s = Setup {
-        rt: &rt,
-        workers: None,
-    };
-    {
-        let mut g = c.benchmark_group("W1_hot_key");
-        for_each_contender!(JobCtx, w1(&mut g, &s));
-        limit_cas(&mut g, &s, W1_PER);
-        g.finish();
-    }
-    {
-        let mut g = c.benchmark_group("W2_spread");
-        for_each_contender!(JobCtx, w2(&mut g, &s));
-        limit_cas(&mut g, &s, W2_PER);
-        g.finish();
-    }
-    {
-        let mut g = c.benchmark_group("W4_snapshot");
-        for_each_contender!(JobCtx, w4(&mut g, &s));
-        limit_load_full::<JobCtx>(&mut g, &s);
-        g.finish();
-    }
-    {
-        let mut g = c.benchmark_group("W4_snapshot_4KiB");
-        for_each_contender!(BigCtx, w4(&mut g, &s));
-        limit_load_full::<BigCtx>(&mut g, &s);
-        g.finish();
-    }
-    {
-        let mut g = c.benchmark_group("W5_mixed");
-        for_each_contender!(JobCtx, w5(&mut g, &s));
-        g.finish();
-    }
-    {
-        let mut g = c.benchmark_group("W6_lifecycle");
-        for_each_contender!(JobCtx, w6(&mut g, &s));
-        g.finish();
-    }
-    {
-        let mut g = c.benchmark_group("W7_threads_tasks");
-        for_each_contender!(JobCtx, w7(&mut g, &s));
+    for (group, workload) in GROUPS {
+        let mut g = c.benchmark_group(*group);
+        let mut sink = CriterionSink {
+            group: &mut g,
+            workers: None,
+        };
+        if *workload == "w4_4k" {
+            for_each_contender!(BigCtx, workload_for("w4", &mut sink, &rt));
+            limit_load_full::<BigCtx>(&mut sink, &rt);
+        } else {
+            for_each_contender!(JobCtx, workload_for(workload, &mut sink, &rt));
+        }
+        match *workload {
+            "w1" => limit_cas(&mut sink, &rt, W1_PER),
+            "w2" => limit_cas(&mut sink, &rt, W2_PER),
+            "w4" => limit_load_full::<JobCtx>(&mut sink, &rt),
+            _ => {}
+        }
         g.finish();
     }
     c.final_summary();
@@ -1238,6 +1274,7 @@ fn main() {
             w3_hold: Duration::from_millis(20),
             fair_per_task: 20,
             w6_lifecycles: 2_000,
+            w6_budget: Duration::from_secs(10),
         }
     } else if quick {
         Sizes {
@@ -1245,6 +1282,7 @@ fn main() {
             w3_hold: Duration::from_millis(20),
             fair_per_task: 300,
             w6_lifecycles: 1_000_000,
+            w6_budget: Duration::from_secs(12),
         }
     } else {
         Sizes {
@@ -1252,6 +1290,7 @@ fn main() {
             w3_hold: Duration::from_millis(20),
             fair_per_task: 2_000,
             w6_lifecycles: 1_000_000,
+            w6_budget: Duration::from_secs(120),
         }
     };
     let filter = filter_arg();
