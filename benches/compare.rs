@@ -597,13 +597,15 @@ struct CriterionSink<'g, 'c> {
 
 impl Sink for CriterionSink<'_, '_> {
     fn run(&mut self, name: &str, elements: u64, batch: &mut dyn FnMut(u64) -> Duration) {
-        let id = match self.workers {
-            Some(w) => BenchmarkId::new(name, w),
-            None => BenchmarkId::from_parameter(name),
-        };
         self.group.throughput(Throughput::Elements(elements));
-        self.group
-            .bench_function(id, |b| b.iter_custom(|iters| batch(iters)));
+        match self.workers {
+            Some(w) => self.group.bench_function(BenchmarkId::new(name, w), |b| {
+                b.iter_custom(|iters| batch(iters))
+            }),
+            None => self
+                .group
+                .bench_function(name, |b| b.iter_custom(|iters| batch(iters))),
+        };
     }
 }
 

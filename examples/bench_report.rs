@@ -185,10 +185,17 @@ fn load_rows(home: &Path) -> Result<Vec<Row>, String> {
             continue;
         }
         let s = |k: &str| bench[k].as_str().map(str::to_owned);
+        // `BenchmarkId::from_parameter(name)` leaves `function_id` null and
+        // puts the name in `value_str`.
+        let (function, parameter) = match (s("function_id"), s("value_str")) {
+            (Some(f), p) => (f, p),
+            (None, Some(p)) => (p, None),
+            (None, None) => continue,
+        };
         rows.push(Row {
             group: s("group_id").unwrap_or_default(),
-            function: s("function_id").unwrap_or_default(),
-            parameter: s("value_str"),
+            function,
+            parameter,
             per_s: elements / (ns * 1e-9),
         });
     }
@@ -304,7 +311,7 @@ fn run() -> Result<(), String> {
                 targets.push((
                     format!("{group}: ≥ 1.0× the best contender"),
                     ratio >= 1.0,
-                    format!("{ratio:.2}× of {name}"),
+                    format!("{ratio:.3}× of {name}"),
                 ));
             }
             _ => line.push_str("– | – |"),
