@@ -445,7 +445,7 @@ fn kill_racing_cancel() {
         let refused = waiter.join().unwrap();
         assert!(
             matches!(refused, Some(Refused::Dead | Refused::TimedOut)),
-            "{refused:?}"
+            "a waiter racing the kill ended with {refused:?} (None: with the lock)"
         );
         assert!(slot.is_dead() && slot.is_locked());
         assert_eq!(slot.try_lock().err(), Some(Refused::Dead));
