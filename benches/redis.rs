@@ -1,0 +1,376 @@
+//! `RedisContextStorage` against the standard Redis optimistic pattern, in
+//! one process, same server, same run.
+//!
+//! Contenders:
+//!
+//! * `ctxstore`: `update_context(id, |c| c.n += 1)` through
+//!   `Arc<dyn ContextStorage>` (lease lock + read in one script, decode,
+//!   change, encode, commit script).
+//! * `watch_multi_exec`: `WATCH key`, `GET key`, serde decode, change,
+//!   encode, `MULTI; SET key; EXEC`, retried until `EXEC` is not aborted.
+//!   `WATCH` is per connection, so every task has its own connection.
+//!
+//! Workloads (one element = one increment; 64 tasks):
+//!
+//! * `redis_hot_key`: every task increments the same key, 8 times per
+//!   iteration (512 increments).
+//! * `redis_spread`: 10,000 keys; each iteration increments every key once,
+//!   the keys split among the tasks.
+//!
+//! After each measurement the counters are checked: every increment must be
+//! there (zero lost updates), or the bench panics. The retry count of the
+//! optimistic loop is printed.
+//!
+//! Needs Redis at `CTXSTORE_REDIS_URL` (default `redis://127.0.0.1:6379`);
+//! uses a fresh namespace `ctxstore-bench-<uuid>` and deletes its keys.
+//!
+//! `cargo bench --features redis --bench redis` (add `-- redis_hot_key` to
+//! filter).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use ctxstore::{Context, ContextStorage, ContextStorageExt, RedisContextStorage, Uuid};
+use redis::aio::MultiplexedConnection;
+use redis::Value;
+use tokio::runtime::Runtime;
+
+const TASKS: usize = 64;
+const HOT_PER_TASK: u64 = 8;
+const SPREAD_KEYS: usize = 10_000;
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct Counter {
+    name: String,
+    n: u64,
+}
+
+impl Context for Counter {
+    fn kind() -> &'static str {
+        "ctxstore.bench.counter"
+    }
+}
+
+fn url() -> String {
+    std::env::var("CTXSTORE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+fn counter() -> Counter {
+    Counter {
+        name: "bench".into(),
+        n: 0,
+    }
+}
+
+struct Setup {
+    store: Arc<dyn ContextStorage>,
+    conns: Vec<MultiplexedConnection>,
+    ns: String,
+    /// Optimistic transactions aborted by a concurrent write.
+    retries: Arc<AtomicU64>,
+}
+
+async fn setup() -> Setup {
+    let ns = format!("ctxstore-bench-{}", Uuid::new_v4());
+    let store = RedisContextStorage::builder(url())
+        .namespace(&ns)
+        .connect()
+        .await
+        .expect("Redis must be running (see CTXSTORE_REDIS_URL)");
+    let client = redis::Client::open(url()).unwrap();
+    let mut conns = Vec::new();
+    for _ in 0..TASKS {
+        conns.push(client.get_multiplexed_async_connection().await.unwrap());
+    }
+    Setup {
+        store: Arc::new(store),
+        conns,
+        ns,
+        retries: Arc::new(AtomicU64::new(0)),
+    }
+}
+
+/// The textbook optimistic increment of a JSON value.
+async fn watch_increment(con: &mut MultiplexedConnection, key: &str, retries: &AtomicU64) {
+    loop {
+        redis::cmd("WATCH").arg(key).exec_async(con).await.unwrap();
+        let raw: Vec<u8> = redis::cmd("GET").arg(key).query_async(con).await.unwrap();
+        let mut c: Counter = serde_json::from_slice(&raw).unwrap();
+        c.n += 1;
+        let bytes = serde_json::to_vec(&c).unwrap();
+        let reply: Value = redis::pipe()
+            .atomic()
+            .set(key, bytes)
+            .query_async(con)
+            .await
+            .unwrap();
+        if !matches!(reply, Value::Nil) {
+            return;
+        }
+        retries.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+async fn watch_value(con: &mut MultiplexedConnection, key: &str) -> u64 {
+    let raw: Vec<u8> = redis::cmd("GET").arg(key).query_async(con).await.unwrap();
+    serde_json::from_slice::<Counter>(&raw).unwrap().n
+}
+
+async fn watch_set(con: &mut MultiplexedConnection, key: &str) {
+    let bytes = serde_json::to_vec(&counter()).unwrap();
+    redis::cmd("SET")
+        .arg(key)
+        .arg(bytes)
+        .exec_async(con)
+        .await
+        .unwrap();
+}
+
+fn hot_key(c: &mut Criterion, rt: &Runtime, s: &Setup) {
+    let mut group = c.benchmark_group("redis_hot_key");
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(10));
+    group.throughput(Throughput::Elements(TASKS as u64 * HOT_PER_TASK));
+
+    let id = Uuid::new_v4();
+    rt.block_on(s.store.store_context(id, counter())).unwrap();
+    let done = Arc::new(AtomicU64::new(0));
+    group.bench_function("ctxstore", |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let store = s.store.clone();
+            let done = done.clone();
+            async move {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let tasks: Vec<_> = (0..TASKS)
+                        .map(|_| {
+                            let store = store.clone();
+                            tokio::spawn(async move {
+                                for _ in 0..HOT_PER_TASK {
+                                    store
+                                        .update_context(id, |c: &mut Counter| c.n += 1)
+                                        .await
+                                        .unwrap();
+                                }
+                            })
+                        })
+                        .collect();
+                    for t in tasks {
+                        t.await.unwrap();
+                    }
+                    done.fetch_add(TASKS as u64 * HOT_PER_TASK, Ordering::Relaxed);
+                }
+                start.elapsed()
+            }
+        })
+    });
+    let got = rt
+        .block_on(s.store.get_context_snapshot::<Counter>(id))
+        .unwrap()
+        .n;
+    let want = done.load(Ordering::Relaxed);
+    assert_eq!(got, want, "ctxstore lost updates on the hot key");
+    println!("redis_hot_key/ctxstore: {want} increments, 0 lost");
+    rt.block_on(s.store.delete_context::<Counter>(id)).unwrap();
+
+    let key = format!("{}:watch:hot", s.ns);
+    let mut con = s.conns[0].clone();
+    rt.block_on(watch_set(&mut con, &key));
+    let done = Arc::new(AtomicU64::new(0));
+    s.retries.store(0, Ordering::Relaxed);
+    group.bench_function("watch_multi_exec", |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let conns = s.conns.clone();
+            let key = key.clone();
+            let done = done.clone();
+            let retries = s.retries.clone();
+            async move {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let tasks: Vec<_> = conns
+                        .iter()
+                        .cloned()
+                        .map(|mut con| {
+                            let key = key.clone();
+                            let retries = retries.clone();
+                            tokio::spawn(async move {
+                                for _ in 0..HOT_PER_TASK {
+                                    watch_increment(&mut con, &key, &retries).await;
+                                }
+                            })
+                        })
+                        .collect();
+                    for t in tasks {
+                        t.await.unwrap();
+                    }
+                    done.fetch_add(TASKS as u64 * HOT_PER_TASK, Ordering::Relaxed);
+                }
+                start.elapsed()
+            }
+        })
+    });
+    let got = rt.block_on(watch_value(&mut con, &key));
+    let want = done.load(Ordering::Relaxed);
+    assert_eq!(got, want, "WATCH/MULTI/EXEC lost updates on the hot key");
+    println!(
+        "redis_hot_key/watch_multi_exec: {want} increments, 0 lost, {} aborted transactions retried",
+        s.retries.load(Ordering::Relaxed)
+    );
+    rt.block_on(redis::cmd("DEL").arg(&key).exec_async(&mut con))
+        .unwrap();
+    group.finish();
+}
+
+fn spread(c: &mut Criterion, rt: &Runtime, s: &Setup) {
+    let mut group = c.benchmark_group("redis_spread");
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(15));
+    group.throughput(Throughput::Elements(SPREAD_KEYS as u64));
+
+    let ids: Arc<Vec<Uuid>> = Arc::new((0..SPREAD_KEYS).map(|_| Uuid::new_v4()).collect());
+    rt.block_on(async {
+        for chunk in ids.chunks(500) {
+            let futs: Vec<_> = chunk
+                .iter()
+                .map(|id| s.store.store_context(*id, counter()))
+                .collect();
+            for f in futs {
+                f.await.unwrap();
+            }
+        }
+    });
+    let rounds = Arc::new(AtomicU64::new(0));
+    group.bench_function("ctxstore", |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let store = s.store.clone();
+            let ids = ids.clone();
+            let rounds = rounds.clone();
+            async move {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let tasks: Vec<_> = (0..TASKS)
+                        .map(|t| {
+                            let store = store.clone();
+                            let ids = ids.clone();
+                            tokio::spawn(async move {
+                                for id in ids.iter().skip(t).step_by(TASKS) {
+                                    store
+                                        .update_context(*id, |c: &mut Counter| c.n += 1)
+                                        .await
+                                        .unwrap();
+                                }
+                            })
+                        })
+                        .collect();
+                    for t in tasks {
+                        t.await.unwrap();
+                    }
+                    rounds.fetch_add(1, Ordering::Relaxed);
+                }
+                start.elapsed()
+            }
+        })
+    });
+    let want = rounds.load(Ordering::Relaxed);
+    rt.block_on(async {
+        for id in ids.iter() {
+            let got = s
+                .store
+                .get_context_snapshot::<Counter>(*id)
+                .await
+                .unwrap()
+                .n;
+            assert_eq!(got, want, "ctxstore lost updates on key {id}");
+            s.store.delete_context::<Counter>(*id).await.unwrap();
+        }
+    });
+    println!(
+        "redis_spread/ctxstore: {} increments, 0 lost",
+        want * SPREAD_KEYS as u64
+    );
+
+    let keys: Arc<Vec<String>> = Arc::new(
+        ids.iter()
+            .map(|id| format!("{}:watch:{id}", s.ns))
+            .collect(),
+    );
+    rt.block_on(async {
+        let mut con = s.conns[0].clone();
+        for key in keys.iter() {
+            watch_set(&mut con, key).await;
+        }
+    });
+    let rounds = Arc::new(AtomicU64::new(0));
+    s.retries.store(0, Ordering::Relaxed);
+    group.bench_function("watch_multi_exec", |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let conns = s.conns.clone();
+            let keys = keys.clone();
+            let rounds = rounds.clone();
+            let retries = s.retries.clone();
+            async move {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let tasks: Vec<_> = conns
+                        .iter()
+                        .cloned()
+                        .enumerate()
+                        .map(|(t, mut con)| {
+                            let keys = keys.clone();
+                            let retries = retries.clone();
+                            tokio::spawn(async move {
+                                for key in keys.iter().skip(t).step_by(TASKS) {
+                                    watch_increment(&mut con, key, &retries).await;
+                                }
+                            })
+                        })
+                        .collect();
+                    for t in tasks {
+                        t.await.unwrap();
+                    }
+                    rounds.fetch_add(1, Ordering::Relaxed);
+                }
+                start.elapsed()
+            }
+        })
+    });
+    let want = rounds.load(Ordering::Relaxed);
+    rt.block_on(async {
+        let mut con = s.conns[0].clone();
+        for key in keys.iter() {
+            assert_eq!(
+                watch_value(&mut con, key).await,
+                want,
+                "WATCH/MULTI/EXEC lost updates on {key}"
+            );
+            redis::cmd("DEL")
+                .arg(key)
+                .exec_async(&mut con)
+                .await
+                .unwrap();
+        }
+    });
+    println!(
+        "redis_spread/watch_multi_exec: {} increments, 0 lost, {} aborted transactions retried",
+        want * SPREAD_KEYS as u64,
+        s.retries.load(Ordering::Relaxed)
+    );
+    group.finish();
+}
+
+fn benches(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let s = rt.block_on(setup());
+    hot_key(c, &rt, &s);
+    spread(c, &rt, &s);
+}
+
+criterion_group!(redis_benches, benches);
+criterion_main!(redis_benches);
