@@ -599,12 +599,12 @@ impl Sink for CriterionSink<'_, '_> {
     fn run(&mut self, name: &str, elements: u64, batch: &mut dyn FnMut(u64) -> Duration) {
         self.group.throughput(Throughput::Elements(elements));
         match self.workers {
-            Some(w) => self.group.bench_function(BenchmarkId::new(name, w), |b| {
-                b.iter_custom(|iters| batch(iters))
-            }),
+            Some(w) => self
+                .group
+                .bench_function(BenchmarkId::new(name, w), |b| b.iter_custom(&mut *batch)),
             None => self
                 .group
-                .bench_function(name, |b| b.iter_custom(|iters| batch(iters))),
+                .bench_function(name, |b| b.iter_custom(&mut *batch)),
         };
     }
 }
