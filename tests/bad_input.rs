@@ -466,7 +466,7 @@ async fn huge_timeouts_wait_like_get_context() {
 /// `tokio::time::timeout` does); zero timeouts, `try_get_context` and
 /// `Duration::MAX` need no timer and work anywhere.
 #[test]
-fn nonzero_timeout_outside_tokio_panics_with_tokios_message() {
+fn nonzero_timeout_outside_tokio_works_when_free_and_panics_when_held() {
     let s = InMemoryContextStorage::new();
     let x = id(11);
     s.store_context_blocking(x, Job { n: 1 }).unwrap();
@@ -476,11 +476,19 @@ fn nonzero_timeout_outside_tokio_panics_with_tokios_message() {
     now(s.get_context_timeout::<Job>(x, Duration::MAX))
         .unwrap()
         .rollback();
+    // A free lock needs no timer, so a non-zero timeout works without a
+    // runtime too.
+    now(s.get_context_timeout::<Job>(x, Duration::from_secs(1)))
+        .unwrap()
+        .rollback();
+    // A held lock needs Tokio's timer: outside a runtime that is Tokio's panic.
+    let held = s.get_context_blocking::<Job>(x).unwrap();
     let p = catch_unwind(AssertUnwindSafe(|| {
         let mut fut = pin!(s.get_context_timeout::<Job>(x, Duration::from_secs(1)));
         let _ = poll_once(fut.as_mut());
     }))
     .expect_err("no timer outside a runtime");
+    drop(held);
     let msg = panic_message(p);
     assert!(msg.contains("Tokio") || msg.contains("runtime"), "{msg}");
     // The lock was not left held by the panicking call.

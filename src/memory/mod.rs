@@ -380,14 +380,15 @@ impl InMemoryContextStorage {
             Wait::Never => self.try_lock_now(id),
             Wait::Until(deadline, waited) => {
                 let timed_out = || ContextType::of::<T>().timeout(id, waited);
-                if waited.is_zero() || Instant::now() >= deadline {
-                    return self.try_lock_now(id).map_err(|e| {
-                        if e.is_would_block() {
-                            timed_out()
-                        } else {
-                            e
+                // Try first: a free lock needs no timer (and no runtime with
+                // a time driver); a zero or past deadline never waits.
+                match self.try_lock_now(id) {
+                    Err(e) if e.is_would_block() => {
+                        if waited.is_zero() || Instant::now() >= deadline {
+                            return Err(timed_out());
                         }
-                    });
+                    }
+                    done => return done,
                 }
                 match tokio::time::timeout_at(deadline.into(), self.lock_wait(id)).await {
                     Ok(locked) => locked,
