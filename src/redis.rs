@@ -301,19 +301,38 @@ impl RedisContextStorageBuilder {
             .await
             .map_err(|e| setup_error(boxed(e)))?;
 
-        Ok(RedisContextStorage {
-            inner: Arc::new(Inner {
-                conn,
-                _sub: sub,
-                floor_key: format!("{}:#floor", self.namespace),
-                namespace: self.namespace,
-                channel,
-                lease_ms: lease.as_millis().max(1) as u64,
-                renew,
-                waits,
-                runtime: tokio::runtime::Handle::current(),
-            }),
-        })
+        let inner = Arc::new(Inner {
+            conn,
+            sub,
+            floor_key: format!("{}:#floor", self.namespace),
+            namespace: self.namespace,
+            channel,
+            lease_ms: lease.as_millis().max(1) as u64,
+            renew,
+            waits,
+            runtime: tokio::runtime::Handle::current(),
+        });
+        inner
+            .runtime
+            .spawn(watch_subscription(Arc::downgrade(&inner), renew));
+        Ok(RedisContextStorage { inner })
+    }
+}
+
+/// Keeps the wake-up subscription alive. The driver reconnects (and
+/// re-subscribes) when it sees the connection drop, but if Redis stays away
+/// longer than its retries, only a command on the connection makes it try
+/// again; nothing else is ever sent on it, so ping it. Ends with the store.
+async fn watch_subscription(inner: Weak<Inner>, renew: Duration) {
+    let every = renew.min(Duration::from_secs(1));
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(mut sub) = inner.upgrade().map(|i| i.sub.clone()) else {
+            return;
+        };
+        if let Err(e) = redis::cmd("PING").query_async::<Value>(&mut sub).await {
+            tracing::debug!(error = %e, "wake-up subscription is down; reconnecting");
+        }
     }
 }
 
@@ -432,8 +451,8 @@ pub struct RedisContextStorage {
 
 struct Inner {
     conn: ConnectionManager,
-    // Kept alive for the push sender and its subscription.
-    _sub: ConnectionManager,
+    /// The RESP3 connection subscribed to the wake channel.
+    sub: ConnectionManager,
     namespace: String,
     floor_key: String,
     channel: String,

@@ -465,21 +465,34 @@ mod proxy {
     }
 
     impl Proxy {
+        /// While cut, the port refuses connections (the listener is
+        /// closed) and open connections are dropped, as when Redis is down.
         pub async fn start(target: String) -> Proxy {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
             let (up, _) = watch::channel(true);
-            let rx = up.subscribe();
+            let mut rx = up.subscribe();
             tokio::spawn(async move {
+                let mut listener = Some(listener);
                 loop {
-                    let Ok((mut inbound, _)) = listener.accept().await else {
+                    let Some(l) = listener.as_ref() else {
+                        if rx.wait_for(|up| *up).await.is_err() {
+                            return;
+                        }
+                        listener = Some(TcpListener::bind(addr).await.unwrap());
+                        continue;
+                    };
+                    let accepted = tokio::select! {
+                        accepted = l.accept() => accepted,
+                        _ = rx.wait_for(|up| !*up) => {
+                            listener = None;
+                            continue;
+                        }
+                    };
+                    let Ok((mut inbound, _)) = accepted else {
                         return;
                     };
-                    if !*rx.borrow() {
-                        drop(inbound);
-                        continue;
-                    }
-                    let mut rx = rx.clone();
+                    let mut conn_rx = rx.clone();
                     let target = target.clone();
                     tokio::spawn(async move {
                         let Ok(mut outbound) = TcpStream::connect(target).await else {
@@ -487,7 +500,7 @@ mod proxy {
                         };
                         tokio::select! {
                             _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                            _ = rx.wait_for(|up| !*up) => {}
+                            _ = conn_rx.wait_for(|up| !*up) => {}
                         }
                     });
                 }
@@ -588,4 +601,83 @@ async fn redis_outage_gives_backend_errors_and_the_store_recovers() {
     .await;
     // The commit cut off by the outage wrote nothing.
     assert_eq!(v.done, 1);
+}
+
+#[tokio::test]
+async fn the_wake_up_subscription_comes_back_after_an_outage() {
+    let proxy = proxy::Proxy::start(redis_host_port()).await;
+    let ns = namespace();
+    // Long lease and poll: a prompt wake-up below can only come by pub/sub.
+    // Few reconnect attempts, so that the outage outlasts them.
+    let cut_off = RedisContextStorage::builder(format!("redis://{}", proxy.addr))
+        .namespace(&ns)
+        .lease(Duration::from_secs(360))
+        .renewal_interval(Duration::from_secs(120))
+        .connection_config(
+            redis::aio::ConnectionManagerConfig::new()
+                .set_number_of_retries(1)
+                .set_min_delay(Duration::from_millis(50))
+                .set_max_delay(Duration::from_millis(100))
+                .set_response_timeout(Some(Duration::from_millis(300)))
+                .set_connection_timeout(Some(Duration::from_millis(300))),
+        )
+        .connect()
+        .await
+        .unwrap();
+    let direct = store_in(&ns).await;
+    let channel = format!("{ns}:#wake");
+    let mut conn = raw().await;
+    let subscribers = |conn: &mut redis::aio::MultiplexedConnection| {
+        let mut conn = conn.clone();
+        let channel = channel.clone();
+        async move {
+            let (_, n): (String, u64) = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg(&channel)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            n
+        }
+    };
+    // Ours and `direct`'s.
+    assert_eq!(subscribers(&mut conn).await, 2);
+
+    proxy.cut();
+    guard("subscription dropped", 60, async {
+        while subscribers(&mut conn).await != 1 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    // Longer than the driver's own reconnect attempts (about 0.2 s here).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    proxy.restore();
+    guard("subscription restored", 60, async {
+        while subscribers(&mut conn).await != 2 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+
+    let id = Uuid::new_v4();
+    direct.store_context(id, job(0)).await.unwrap();
+    let held = direct.get_context::<Job>(id).await.unwrap();
+    let waiter = tokio::spawn(async move {
+        loop {
+            match cut_off.update_context(id, |j: &mut Job| j.done += 1).await {
+                Ok(()) => return,
+                // The command connection may still be reconnecting.
+                Err(e) if e.is_backend() => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(held);
+    guard("woken after the outage", 60, waiter).await.unwrap();
+    assert_eq!(
+        direct.get_context_snapshot::<Job>(id).await.unwrap().done,
+        1
+    );
 }
