@@ -12,6 +12,15 @@
 //! * `handwritten_pipelined`: the same statements with `BEGIN` + `SELECT`
 //!   and `UPDATE` + `COMMIT` pipelined (two round trips, like ctxstore), to
 //!   show what the library itself costs.
+//! * `handwritten_pipelined_same_sql`: pipelined, with ctxstore's own SQL
+//!   (`version` read back, `nextval` versions, versioned `UPDATE …
+//!   RETURNING`, `SET LOCAL statement_timeout = 0`): what is left between
+//!   it and `ctxstore` is the library's client-side cost.
+//!
+//! After criterion, an interleaved A/B run (order rotating every round,
+//! `CTXSTORE_BENCH_AB_ROUNDS`, default 12) prints median µs per increment
+//! and the ratios, and snapshot latency idle vs held; on a shared machine
+//! that is the fairer comparison.
 //!
 //! Workloads (one element = one increment; 8 tasks, pool of 16):
 //!
@@ -134,6 +143,7 @@ enum Who {
     Ctxstore,
     Handwritten,
     Pipelined,
+    PipelinedSameSql,
 }
 
 impl Who {
@@ -142,6 +152,7 @@ impl Who {
             Who::Ctxstore => "ctxstore",
             Who::Handwritten => "handwritten",
             Who::Pipelined => "handwritten_pipelined",
+            Who::PipelinedSameSql => "handwritten_pipelined_same_sql",
         }
     }
 }
@@ -152,6 +163,13 @@ async fn increment(who: Who, store: &Arc<dyn ContextStorage>, pool: &Pool, table
     let update = format!(
         "UPDATE {table} SET value = $3::text::jsonb, version = version + 1, updated_at = now() \
          WHERE kind = $1 AND id = $2"
+    );
+    // ctxstore's own statements, for `PipelinedSameSql`.
+    let select_v =
+        format!("SELECT version, value::text FROM {table} WHERE kind = $1 AND id = $2 FOR UPDATE");
+    let commit = format!(
+        "UPDATE {table} SET value = $3::text::jsonb, version = nextval('{table}_version_seq'), \
+         updated_at = now() WHERE kind = $1 AND id = $2 AND version = $4 RETURNING version"
     );
     let kind = Counter::kind();
     match who {
@@ -171,29 +189,49 @@ async fn increment(who: Who, store: &Arc<dyn ContextStorage>, pool: &Pool, table
             tx.execute(&update, &[&kind, &id, &json]).await.unwrap();
             tx.commit().await.unwrap();
         }
-        Who::Pipelined => {
+        Who::Pipelined | Who::PipelinedSameSql => {
+            let same = matches!(who, Who::PipelinedSameSql);
             let client = pool.get().await.unwrap();
-            let select = client.prepare_cached(&select).await.unwrap();
-            let update = client.prepare_cached(&update).await.unwrap();
+            let select = client
+                .prepare_cached(if same { &select_v } else { &select })
+                .await
+                .unwrap();
+            let update = client
+                .prepare_cached(if same { &commit } else { &update })
+                .await
+                .unwrap();
             let params: [&(dyn ToSql + Sync); 2] = [&kind, &id];
             let (began, row) = tokio::join!(
                 biased;
-                client.batch_execute("BEGIN"),
+                client.batch_execute(if same { "BEGIN; SET LOCAL statement_timeout = 0" } else { "BEGIN" }),
                 client.query_one(&select, &params)
             );
             began.unwrap();
             let row = row.unwrap();
-            let mut c: Counter = serde_json::from_str(row.get::<_, &str>(0)).unwrap();
+            let text_col = if same { 1 } else { 0 };
+            let mut c: Counter = serde_json::from_str(row.get::<_, &str>(text_col)).unwrap();
             c.n += 1;
             let json = serde_json::to_string(&c).unwrap();
-            let params: [&(dyn ToSql + Sync); 3] = [&kind, &id, &json];
-            let (updated, committed) = tokio::join!(
-                biased;
-                client.execute(&update, &params),
-                client.batch_execute("COMMIT")
-            );
-            updated.unwrap();
-            committed.unwrap();
+            if same {
+                let version: i64 = row.get(0);
+                let params: [&(dyn ToSql + Sync); 4] = [&kind, &id, &json, &version];
+                let (updated, committed) = tokio::join!(
+                    biased;
+                    client.query_one(&update, &params),
+                    client.batch_execute("COMMIT")
+                );
+                updated.unwrap();
+                committed.unwrap();
+            } else {
+                let params: [&(dyn ToSql + Sync); 3] = [&kind, &id, &json];
+                let (updated, committed) = tokio::join!(
+                    biased;
+                    client.execute(&update, &params),
+                    client.batch_execute("COMMIT")
+                );
+                updated.unwrap();
+                committed.unwrap();
+            }
         }
     }
 }
@@ -241,7 +279,12 @@ fn bench(c: &mut Criterion) {
             .sample_size(10)
             .warm_up_time(Duration::from_secs(1))
             .measurement_time(Duration::from_secs(6));
-        for who in [Who::Ctxstore, Who::Handwritten, Who::Pipelined] {
+        for who in [
+            Who::Ctxstore,
+            Who::Handwritten,
+            Who::Pipelined,
+            Who::PipelinedSameSql,
+        ] {
             g.bench_function(who.name(), |b| {
                 b.iter_custom(|iters| increments(&env, who, hot, iters))
             });
@@ -327,15 +370,23 @@ fn interleaved(env: &Env) {
     if std::env::var_os("CTXSTORE_BENCH_NO_AB").is_some() {
         return;
     }
-    const ROUNDS: usize = 12;
+    let rounds: usize = std::env::var("CTXSTORE_BENCH_AB_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(12);
     const OPS: u64 = 400;
-    let who = [Who::Ctxstore, Who::Handwritten, Who::Pipelined];
+    let who = [
+        Who::Ctxstore,
+        Who::Handwritten,
+        Who::Pipelined,
+        Who::PipelinedSameSql,
+    ];
     println!(
-        "\ninterleaved A/B: {ROUNDS} rounds x {OPS} increments, {TASKS} tasks, median us/increment"
+        "\ninterleaved A/B: {rounds} rounds x {OPS} increments, {TASKS} tasks, median us/increment"
     );
     for (name, hot) in [("pg_hot_key", true), ("pg_spread", false)] {
-        let mut times: [Vec<f64>; 3] = Default::default();
-        for round in 0..ROUNDS {
+        let mut times: [Vec<f64>; 4] = Default::default();
+        for round in 0..rounds {
             for k in 0..who.len() {
                 let i = (round + k) % who.len();
                 let d = increments(env, who[i], hot, OPS);
@@ -345,12 +396,15 @@ fn interleaved(env: &Env) {
         let m: Vec<f64> = times.iter_mut().map(|t| median(t)).collect();
         println!(
             "{name:<11} ctxstore {:>8.1}  handwritten {:>8.1}  handwritten_pipelined {:>8.1}  \
-             ctxstore/handwritten {:.3}  ctxstore/pipelined {:.3}",
+             handwritten_pipelined_same_sql {:>8.1}  ctxstore/handwritten {:.3}  \
+             ctxstore/pipelined {:.3}  ctxstore/same_sql {:.3}",
             m[0],
             m[1],
             m[2],
+            m[3],
             m[0] / m[1],
-            m[0] / m[2]
+            m[0] / m[2],
+            m[0] / m[3]
         );
     }
     let id = env.hot;
