@@ -206,7 +206,7 @@ async fn four_processes_two_thousand_increments_each() {
     store.delete_context::<Counter>(id).await.unwrap();
 }
 
-const LEASE_MS: u64 = 1000;
+const LEASE_MS: u64 = 2000;
 const RENEW_MS: u64 = 250;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
