@@ -203,7 +203,7 @@ pub struct RedisContextStorageBuilder {
 }
 
 impl RedisContextStorageBuilder {
-    /// The key prefix (default `ctxstore`). Stores with different namespaces
+    /// The key prefix (default `ctxstore`; no glob characters, no `:`). Stores with different namespaces
     /// on one server never see each other's contexts.
     pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
         self.namespace = namespace.into();
@@ -257,9 +257,11 @@ impl RedisContextStorageBuilder {
                  and renewal interval {renew:?} (non-zero, shorter than the lease)"
             ))));
         }
-        if self.namespace.is_empty() || self.namespace.contains(['*', '?', '[', ']', '\\']) {
+        // No `:` either: keys are `ns:kind:id`, and a kind may contain `:`,
+        // so only a colon-free namespace keeps (namespace, kind) apart.
+        if self.namespace.is_empty() || self.namespace.contains(['*', '?', '[', ']', '\\', ':']) {
             return Err(setup_error(message(format!(
-                "invalid namespace {:?}: it must be non-empty and free of glob characters",
+                "invalid namespace {:?}: it must be non-empty and free of glob characters and `:`",
                 self.namespace
             ))));
         }

@@ -428,6 +428,13 @@ async fn bad_settings_and_unreachable_redis_are_errors() {
         .await
         .unwrap_err();
     assert!(e.is_backend(), "{e}");
+    // `a:b` + kind `c` would share keys with `a` + kind `b:c`.
+    let e = RedisContextStorage::builder(url())
+        .namespace("a:b")
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(e.is_backend() && e.to_string().contains("a:b"), "{e}");
     // Nothing listens on port 1.
     let e = RedisContextStorage::connect("redis://127.0.0.1:1")
         .await
