@@ -265,18 +265,13 @@ pub mod __loom {
             Guard(MemGuard::new(self.take(), Uuid::nil()))
         }
 
-        /// The `store_context` path on an existing slot: the same steps as
-        /// the engine's `replace_locked` (load, `draft_with`, `publish`,
-        /// unlock). Returns the new version, or `Err(found)`.
+        /// The `store_context` path on an existing slot (the engine's own
+        /// `Slot::replace_and_unlock`). Returns the new version, or
+        /// `Err(found)`.
         pub fn store(self, value: T) -> std::result::Result<u64, u64> {
             let slot = self.take();
-            let base = slot.load();
-            // SAFETY: `self` held the slot's lock; it is still held.
-            let draft = unsafe { slot.draft_with(value) };
-            // SAFETY: as above.
-            let published = unsafe { slot.publish(base, draft) };
-            slot.lock.unlock();
-            published
+            // SAFETY: `self` held the slot's lock; this releases it.
+            unsafe { slot.replace_and_unlock(value) }
         }
 
         /// The `delete_context` path: kill the lock (never released again).

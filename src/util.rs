@@ -32,3 +32,13 @@ pub(crate) fn block_on<F: Future>(fut: F) -> F::Output {
         }
     }
 }
+
+/// Runs its closure when dropped, also while unwinding from a panic in user
+/// code (`Drop`, `Clone`) inside a locked section.
+pub(crate) struct Finally<F: FnMut()>(pub(crate) F);
+
+impl<F: FnMut()> Drop for Finally<F> {
+    fn drop(&mut self) {
+        (self.0)();
+    }
+}

@@ -25,6 +25,7 @@ use crate::context::{Context, ContextType};
 use crate::guard::{ContextGuard, Snapshot};
 use crate::storage::{BoxFuture, ContextStorage, ErasedValue, RawGuard, RawSnapshot, Wait};
 use crate::sync::Arc;
+use crate::util::Finally;
 use crate::Result;
 
 /// The in-process context store: lock-free table, async-aware per-context
@@ -419,26 +420,9 @@ impl InMemoryContextStorage {
 
 /// Publishes `value` into a slot the caller has locked, then unlocks it.
 fn replace_locked<T: Context>(slot: &Slot<T>, id: Uuid, value: T) -> Result<u64> {
-    // Unlock even on unwind: writing over the recycled allocation drops the
-    // value it held, and a user `Drop` may panic there.
-    let unlock = Finally(|| slot.lock.unlock());
-    let base = slot.load();
-    // SAFETY: the caller holds the slot's lock.
-    let draft = unsafe { slot.draft_with(value) };
-    // SAFETY: the caller holds the slot's lock.
-    let published = unsafe { slot.publish(base, draft) };
-    drop(unlock);
-    published.map_err(|found| ContextType::of::<T>().conflict(id, found.saturating_sub(1), found))
-}
-
-/// Runs its closure when dropped, also while unwinding from a panic in user
-/// code (`Drop`, `Clone`) inside a locked section.
-struct Finally<F: FnMut()>(F);
-
-impl<F: FnMut()> Drop for Finally<F> {
-    fn drop(&mut self) {
-        (self.0)();
-    }
+    // SAFETY: the caller holds the slot's lock; this releases it.
+    unsafe { slot.replace_and_unlock(value) }
+        .map_err(|found| ContextType::of::<T>().conflict(id, found.saturating_sub(1), found))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

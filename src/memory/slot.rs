@@ -3,6 +3,7 @@
 use crate::guard::Versioned;
 use crate::memory::park::RawLock;
 use crate::sync::{Arc, ArcCell, UnsafeCell};
+use crate::util::Finally;
 
 /// A versioned slot.
 ///
@@ -195,6 +196,22 @@ impl<T> Slot<T> {
         // nobody does.
         unsafe { self.recycle(prev) };
         Ok(version)
+    }
+
+    /// Publishes `value` as the version after the committed one, then
+    /// releases the lock — also when dropping the value the recycled
+    /// allocation held unwinds (a user `Drop` may panic there). Returns the
+    /// new version, or the version found (see [`Slot::publish`]).
+    ///
+    /// # Safety
+    /// The caller holds `lock`; it is released when this returns or unwinds.
+    pub(crate) unsafe fn replace_and_unlock(&self, value: T) -> Result<u64, u64> {
+        let _unlock = Finally(|| self.lock.unlock());
+        let base = self.load();
+        // SAFETY: forwarded from the caller.
+        let draft = unsafe { self.draft_with(value) };
+        // SAFETY: forwarded from the caller.
+        unsafe { self.publish(base, draft) }
     }
 
     /// Takes the committed value out of a slot that was never shared.
