@@ -7,13 +7,11 @@ use std::ops::{Deref, DerefMut};
 use uuid::Uuid;
 
 use crate::context::{Context, ContextType};
-use crate::memory::MemGuard;
+use crate::memory::{MemGuard, Shared};
 use crate::storage::{Lease, RawSnapshot};
-use crate::sync::Arc;
 use crate::Result;
 
-/// A committed value and its version: what a snapshot shares and what the
-/// engine's cell points to.
+/// A committed value and its version, as a remote backend decodes it.
 #[derive(Debug)]
 pub(crate) struct Versioned<T> {
     pub(crate) version: u64,
@@ -212,35 +210,30 @@ pub(crate) fn warn_uncommitted(type_name: &'static str, id: Uuid) {
 
 /// A read-only, consistent view of one committed version of a context.
 ///
-/// Shares the committed value (`Arc`), never copies it; cloning is one
-/// reference-count increment. It stays valid however the context changes
-/// later, including deletion.
+/// Shares the committed value (reference-counted, like an `Arc`), never
+/// copies it; cloning is one reference-count increment. It stays valid
+/// however the context changes later, including deletion.
 pub struct Snapshot<T> {
-    inner: Arc<Versioned<T>>,
+    inner: Shared<T>,
 }
 
 impl<T> Snapshot<T> {
     #[inline]
-    pub(crate) fn from_arc(inner: Arc<Versioned<T>>) -> Self {
+    pub(crate) fn from_shared(inner: Shared<T>) -> Self {
         Self { inner }
     }
 
     /// The version this snapshot shows.
     #[inline]
     pub fn version(&self) -> u64 {
-        self.inner.version
+        self.inner.version()
     }
 }
 
 impl<T: Context> Snapshot<T> {
     pub(crate) fn from_raw(ty: &'static ContextType, id: Uuid, raw: RawSnapshot) -> Result<Self> {
-        match raw.0.downcast::<Versioned<T>>() {
-            #[cfg(not(ctxstore_loom))]
-            Ok(inner) => Ok(Self { inner }),
-            #[cfg(ctxstore_loom)]
-            Ok(inner) => Ok(Self {
-                inner: Arc::from_std(inner),
-            }),
+        match raw.0.downcast::<Shared<T>>() {
+            Ok(inner) => Ok(Self { inner: *inner }),
             Err(_) => Err(ty.backend_error(
                 Some(id),
                 crate::error::message("backend returned a snapshot of another type"),
@@ -250,9 +243,9 @@ impl<T: Context> Snapshot<T> {
 
     /// The value, cloned only if other snapshots still share it.
     pub fn into_owned(self) -> T {
-        match Arc::try_unwrap(self.inner) {
-            Ok(v) => v.value,
-            Err(shared) => shared.value.clone(),
+        match self.inner.try_unwrap() {
+            Ok(value) => value,
+            Err(shared) => shared.value().clone(),
         }
     }
 }
@@ -271,27 +264,27 @@ impl<T> Deref for Snapshot<T> {
 
     #[inline]
     fn deref(&self) -> &T {
-        &self.inner.value
+        self.inner.value()
     }
 }
 
 impl<T> AsRef<T> for Snapshot<T> {
     fn as_ref(&self) -> &T {
-        &self.inner.value
+        self.inner.value()
     }
 }
 
 impl<T> Borrow<T> for Snapshot<T> {
     fn borrow(&self) -> &T {
-        &self.inner.value
+        self.inner.value()
     }
 }
 
 impl<T: fmt::Debug> fmt::Debug for Snapshot<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Snapshot")
-            .field("version", &self.inner.version)
-            .field("value", &self.inner.value)
+            .field("version", &self.inner.version())
+            .field("value", self.inner.value())
             .finish()
     }
 }

@@ -176,19 +176,23 @@ pub mod __loom {
 
         /// The committed `(version, value)`, as a snapshot reads it.
         pub fn load(&self) -> (u64, T) {
-            let v = self.0.load();
-            (v.version, v.value.clone())
+            let v = self.snapshot();
+            (v.version(), T::clone(&v))
         }
 
         /// A snapshot sharing the committed version (the engine's
-        /// `Snapshot::from_arc(slot.load())`), held as long as the caller likes.
+        /// `Snapshot::from_shared(slot.load())`), held as long as the caller
+        /// likes.
         pub fn snapshot(&self) -> crate::Snapshot<T> {
-            crate::Snapshot::from_arc(self.0.load())
+            // SAFETY: the models never drain a slot's limbo (only the
+            // store's acquisitions do), so every version it superseded stays
+            // allocated until the slot itself is dropped, and we hold it.
+            crate::Snapshot::from_shared(unsafe { self.0.load() })
         }
 
-        /// The committed version, as `Slot::version` reads it.
+        /// The committed version, as a snapshot reads it.
         pub fn version(&self) -> u64 {
-            self.0.version()
+            self.snapshot().version()
         }
 
         pub fn is_locked(&self) -> bool {
@@ -271,7 +275,7 @@ pub mod __loom {
         pub fn store(self, value: T) -> std::result::Result<u64, u64> {
             let slot = self.take();
             // SAFETY: `self` held the slot's lock; this releases it.
-            unsafe { slot.replace_and_unlock(value) }
+            Ok(unsafe { slot.replace_and_unlock(value) })
         }
 
         /// The `delete_context` path: kill the lock (never released again).

@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use crate::context::{Context, ContextType};
 use crate::guard::{ContextGuard, RemoteGuard, Snapshot, Versioned};
+use crate::memory::Shared;
 use crate::{InMemoryContextStorage, Result};
 
 /// A boxed, `Send` future: what the object-safe interface returns.
@@ -41,13 +42,17 @@ impl Wait {
     }
 }
 
-/// A committed value with its type erased: an `Arc` of the version and value
-/// that [`Snapshot`] shares (build one with [`ContextType::decode_snapshot`]).
-pub struct RawSnapshot(pub(crate) std::sync::Arc<dyn Any + Send + Sync>);
+/// A committed value with its type erased: the shared version and value
+/// that [`Snapshot`] holds (build one with [`ContextType::decode_snapshot`]).
+pub struct RawSnapshot(pub(crate) Box<dyn Any + Send + Sync>);
 
 impl RawSnapshot {
     pub(crate) fn new<T: Context>(v: Versioned<T>) -> Self {
-        RawSnapshot(std::sync::Arc::new(v))
+        RawSnapshot(Box::new(Shared::new(v.version, v.value)))
+    }
+
+    pub(crate) fn from_shared<T: Context>(shared: Shared<T>) -> Self {
+        RawSnapshot(Box::new(shared))
     }
 }
 

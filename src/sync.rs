@@ -1,7 +1,7 @@
 //! The one module that names std or loom primitives.
 //!
 //! Everything in the engine that takes part in the slot protocol (atomics,
-//! `Arc`, `Mutex`, thread parking, `UnsafeCell` and the committed-value cell)
+//! `Arc`, `Mutex`, thread parking, `UnsafeCell` and the versions' race check)
 //! is imported from here, so that `RUSTFLAGS="--cfg ctxstore_loom"` swaps the
 //! whole protocol onto loom's model-checked types (see `loom-tests/`). The cfg
 //! is renamed from the usual `loom` because tokio reacts to `cfg(loom)`.
@@ -12,7 +12,9 @@
 
 #[cfg(not(ctxstore_loom))]
 mod imp {
-    pub(crate) use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+    pub(crate) use std::sync::atomic::{
+        fence, AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+    };
     pub(crate) use std::sync::Arc;
     pub(crate) use std::thread::{current as current_thread, park, Thread};
 
@@ -58,42 +60,29 @@ mod imp {
         }
     }
 
-    /// The committed-value cell: `arc_swap::ArcSwap`, whose loads are
-    /// wait-free and never block writers.
-    pub(crate) struct ArcCell<T>(arc_swap::ArcSwap<T>);
+    /// Loom's data-race check on a version's value; nothing outside loom.
+    #[derive(Debug, Default)]
+    pub(crate) struct RaceCheck;
 
-    impl<T> ArcCell<T> {
-        pub(crate) fn new(value: Arc<T>) -> Self {
-            Self(arc_swap::ArcSwap::new(value))
-        }
-
-        /// A new strong reference to the current value (wait-free).
+    impl RaceCheck {
         #[inline]
-        pub(crate) fn load_full(&self) -> Arc<T> {
-            self.0.load_full()
+        pub(crate) const fn new() -> Self {
+            Self
         }
 
-        /// A short-lived borrow of the current value (wait-free, no refcount
-        /// traffic on the fast path).
         #[inline]
-        pub(crate) fn with<R>(&self, f: impl FnOnce(&Arc<T>) -> R) -> R {
-            f(&self.0.load())
-        }
+        pub(crate) fn read(&self) {}
 
-        /// Replaces the value with `new` if it is still `current`; returns the
-        /// value found (the previous one on success). Every reader that loaded
-        /// the previous value has been accounted for in its strong count when
-        /// this returns, so `Arc::get_mut` on it is a sound "no reader" test.
         #[inline]
-        pub(crate) fn compare_and_swap(&self, current: &Arc<T>, new: Arc<T>) -> Arc<T> {
-            arc_swap::Guard::into_inner(self.0.compare_and_swap(current, new))
-        }
+        pub(crate) fn write(&self) {}
     }
 }
 
 #[cfg(ctxstore_loom)]
 mod imp {
-    pub(crate) use loom::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+    pub(crate) use loom::sync::atomic::{
+        fence, AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+    };
     pub(crate) use loom::sync::Arc;
     pub(crate) use loom::thread::{current as current_thread, park, Thread};
 
@@ -124,32 +113,23 @@ mod imp {
 
     pub(crate) use loom::cell::UnsafeCell;
 
-    /// Stand-in for `ArcSwap`: loom cannot see inside arc-swap, so the model
-    /// uses a mutex-protected `Arc` with the same operations and the same
-    /// "previous value is fully accounted for" property.
-    pub(crate) struct ArcCell<T>(loom::sync::Mutex<Arc<T>>);
+    /// Makes loom check that every read of a version's value is ordered
+    /// with every rewrite of it (recycling): an access pair without a
+    /// happens-before edge fails the model.
+    #[derive(Debug)]
+    pub(crate) struct RaceCheck(loom::cell::UnsafeCell<()>);
 
-    impl<T> ArcCell<T> {
-        pub(crate) fn new(value: Arc<T>) -> Self {
-            Self(loom::sync::Mutex::new(value))
+    impl RaceCheck {
+        pub(crate) fn new() -> Self {
+            Self(loom::cell::UnsafeCell::new(()))
         }
 
-        pub(crate) fn load_full(&self) -> Arc<T> {
-            self.0.lock().unwrap().clone()
+        pub(crate) fn read(&self) {
+            self.0.with(|_| ())
         }
 
-        pub(crate) fn with<R>(&self, f: impl FnOnce(&Arc<T>) -> R) -> R {
-            let current = self.load_full();
-            f(&current)
-        }
-
-        pub(crate) fn compare_and_swap(&self, current: &Arc<T>, new: Arc<T>) -> Arc<T> {
-            let mut cell = self.0.lock().unwrap();
-            if Arc::ptr_eq(&cell, current) {
-                std::mem::replace(&mut *cell, new)
-            } else {
-                cell.clone()
-            }
+        pub(crate) fn write(&self) {
+            self.0.with_mut(|_| ())
         }
     }
 }

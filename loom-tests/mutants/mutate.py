@@ -89,10 +89,14 @@ M = {
  "J_try_lock_relaxed": ("src/memory/park.rs",
    ".compare_exchange(0, LOCKED, Ordering::Acquire, Ordering::Relaxed)",
    ".compare_exchange(0, LOCKED, Ordering::Relaxed, Ordering::Relaxed)"),
- # K: recycling keeps a superseded version that one reader still holds
- "K_recycle_off_by_one": ("src/memory/slot.rs",
-   "if Arc::get_mut(&mut arc).is_some() {",
-   "if Arc::strong_count(&arc) <= 2 {"),
+ # K: recycling rewrites a superseded version that one reader still holds
+ "K_recycle_off_by_one": ("src/memory/version.rs",
+   """    refs.compare_exchange(1, DRAFT | 1, Ordering::Acquire, Ordering::Relaxed)
+        .is_ok()""",
+   """    refs.load(Ordering::Acquire) <= 2 && {
+        refs.fetch_or(DRAFT, Ordering::Relaxed);
+        true
+    }"""),
  # L: kill marks waiters KILLED but forgets to wake them
  "L_kill_forgets_wakeups": ("src/memory/park.rs",
    """        for w in wakes {
@@ -104,6 +108,21 @@ M = {
    """            GRANTED => true,
             _ => false,""",
    """            _ => true,"""),
+ # N: a snapshot trusts its first pointer load (no validation after the
+ # increment): a recycled-and-republished allocation can be returned before
+ # its publishing store is visible, and a later snapshot goes back a version
+ "N_snapshot_no_validation": ("src/memory/slot.rs",
+   "if now == p {",
+   "if true {"),
+ # O: a snapshot takes a reference to an allocation being recycled (ignores
+ # the DRAFT bit)
+ "O_snapshot_accepts_draft": ("src/memory/version.rs",
+   "if prev & DRAFT == 0 {",
+   "if true {"),
+ # P: the recycling CAS does not acquire the readers' releases
+ "P_recycle_relaxed": ("src/memory/version.rs",
+   "refs.compare_exchange(1, DRAFT | 1, Ordering::Acquire, Ordering::Relaxed)",
+   "refs.compare_exchange(1, DRAFT | 1, Ordering::Relaxed, Ordering::Relaxed)"),
 }
 if sys.argv[1] == "list":
     print("\n".join(M)); sys.exit()

@@ -521,3 +521,47 @@ fn held_snapshot_is_never_recycled() {
         assert_free(&slot);
     });
 }
+
+/// The publication cell's recycling window: a writer commits three times
+/// (so each of the slot's two allocations is superseded, recycled in place
+/// and republished) while a reader takes two snapshots. Every snapshot must
+/// show a committed `(version, value)` pair (the race check on the version's
+/// value fails the model if a reader touches an allocation being
+/// rewritten), and the second snapshot must never show an older version than
+/// the first — even when the first one's allocation was recycled and
+/// republished at the same address between the reader's pointer load and
+/// its reference-count increment.
+#[test]
+fn snapshots_racing_recycling_commits() {
+    check("snapshots_racing_recycling_commits", || {
+        let slot = Slot::new(val(0, 0), 1);
+        let writer = {
+            let slot = slot.clone();
+            thread::spawn(move || {
+                for round in 1..=3 {
+                    let mut g = slot.try_lock().expect("the only locker").guard();
+                    g.n += 1;
+                    g.tag = round;
+                    g.commit().expect("the holder's commit cannot conflict");
+                }
+            })
+        };
+        let a = slot.snapshot();
+        let b = slot.snapshot();
+        for s in [&a, &b] {
+            assert_eq!(
+                (s.n, s.tag),
+                (s.version() - 1, s.version() - 1),
+                "torn snapshot"
+            );
+        }
+        assert!(
+            b.version() >= a.version(),
+            "a later snapshot went back a version"
+        );
+        drop((a, b));
+        writer.join().unwrap();
+        assert_eq!(slot.load(), (4, val(3, 3)));
+        assert_free(&slot);
+    });
+}

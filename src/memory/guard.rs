@@ -5,18 +5,17 @@ use std::sync::Arc as StdArc;
 
 use uuid::Uuid;
 
-use crate::context::{Context, ContextType};
-use crate::guard::{warn_uncommitted, Versioned};
-use crate::memory::slot::{Draft, Slot};
-use crate::sync::Arc;
+use crate::context::Context;
+use crate::guard::warn_uncommitted;
+use crate::memory::slot::{Base, Draft, Slot};
 use crate::Result;
 
-/// Holds a slot's lock. Reads go to the committed version until the first
-/// mutable access makes a draft.
+/// Holds a slot's lock. Reads go to the committed version (borrowed: the
+/// holder is the only one who could replace it) until the first mutable
+/// access makes a draft.
 pub(crate) struct MemGuard<T: Context> {
     slot: StdArc<Slot<T>>,
-    // `None` only after commit took it.
-    base: Option<Arc<Versioned<T>>>,
+    base: Base<T>,
     draft: Option<Draft<T>>,
     id: Uuid,
     // Invariant: while `locked`, this guard owns `slot.lock`.
@@ -27,10 +26,11 @@ impl<T: Context> MemGuard<T> {
     /// Wraps a slot whose lock the caller has just acquired.
     #[inline]
     pub(crate) fn new(slot: StdArc<Slot<T>>, id: Uuid) -> Self {
-        let base = slot.load();
+        // SAFETY: the caller has just acquired the lock, which we now own.
+        let base = unsafe { slot.base() };
         Self {
             slot,
-            base: Some(base),
+            base,
             draft: None,
             id,
             locked: true,
@@ -38,12 +38,14 @@ impl<T: Context> MemGuard<T> {
     }
 
     #[inline]
-    fn base(&self) -> &Versioned<T> {
-        self.base.as_ref().expect("a live guard has its base")
+    fn base(&self) -> (u64, &T) {
+        // SAFETY: `locked` (a live guard always is until consumed), and we
+        // publish only in `commit`, which consumes the guard.
+        unsafe { self.base.get() }
     }
 
     pub(crate) fn version(&self) -> u64 {
-        self.base().version
+        self.base().0
     }
 
     pub(crate) fn id(&self) -> Uuid {
@@ -51,20 +53,16 @@ impl<T: Context> MemGuard<T> {
     }
 
     pub(crate) fn commit(mut self) -> Result<u64> {
-        let base = self.base.take().expect("a live guard has its base");
         let draft = match self.draft.take() {
             Some(draft) => draft,
-            // SAFETY: `locked`: we hold the slot's lock.
-            None => unsafe { self.slot.draft_from(&base) },
+            // SAFETY: `locked`: we hold the slot's lock; `base` is current.
+            None => unsafe { self.slot.draft_from(self.base) },
         };
         // SAFETY: `locked`: we hold the slot's lock.
-        let published = unsafe { self.slot.publish(base, draft) };
+        let version = unsafe { self.slot.publish(draft) };
         self.locked = false;
         self.slot.lock.unlock();
-        published.map_err(|found| {
-            let ty = ContextType::of::<T>();
-            ty.conflict(self.id, found.saturating_sub(1), found)
-        })
+        Ok(version)
     }
 
     pub(crate) fn rollback(mut self) {
@@ -82,7 +80,7 @@ impl<T: Context> Deref for MemGuard<T> {
     fn deref(&self) -> &T {
         match &self.draft {
             Some(draft) => draft.get(),
-            None => &self.base().value,
+            None => self.base().1,
         }
     }
 }
@@ -91,9 +89,8 @@ impl<T: Context> DerefMut for MemGuard<T> {
     #[inline]
     fn deref_mut(&mut self) -> &mut T {
         if self.draft.is_none() {
-            let base = self.base.as_ref().expect("a live guard has its base");
-            // SAFETY: `locked`: we hold the slot's lock.
-            self.draft = Some(unsafe { self.slot.draft_from(base) });
+            // SAFETY: `locked`: we hold the slot's lock; `base` is current.
+            self.draft = Some(unsafe { self.slot.draft_from(self.base) });
         }
         self.draft.as_mut().expect("just made").get_mut()
     }
@@ -109,7 +106,6 @@ impl<T: Context> Drop for MemGuard<T> {
             // SAFETY: `locked`: we hold the slot's lock.
             unsafe { self.slot.discard(draft) };
         }
-        self.base = None;
         self.locked = false;
         self.slot.lock.unlock();
     }

@@ -7,6 +7,7 @@ mod guard;
 pub(crate) mod park;
 pub(crate) mod slot;
 mod table;
+pub(crate) mod version;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -21,6 +22,7 @@ pub(crate) use self::guard::MemGuard;
 use self::park::{Enqueue, TryLock, Waiter, GRANTED, KILLED};
 use self::slot::Slot;
 use self::table::Table;
+pub(crate) use self::version::Shared;
 use crate::context::{Context, ContextType};
 use crate::guard::{ContextGuard, Snapshot};
 use crate::storage::{BoxFuture, ContextStorage, ErasedValue, RawGuard, RawSnapshot, Wait};
@@ -121,7 +123,9 @@ impl InMemoryContextStorage {
     #[inline]
     pub fn snapshot<T: Context>(&self, id: Uuid) -> Result<Snapshot<T>> {
         self.table
-            .with::<T, _>(id, |slot| Snapshot::from_arc(slot.load()))
+            // SAFETY: `with` pins the collector that `drain_limbo` retires
+            // into for the whole closure.
+            .with::<T, _>(id, |slot| Snapshot::from_shared(unsafe { slot.load() }))
             .ok_or_else(|| not_found::<T>(id))
     }
 
@@ -165,7 +169,7 @@ impl InMemoryContextStorage {
             match self.table.get::<T>(id) {
                 Some(slot) => {
                     if let Some(slot) = LockSlot::new(slot).await {
-                        return replace_locked(&slot, id, value);
+                        return Ok(self.replace_locked(&slot, value));
                     }
                 }
                 None => match self.insert_new(id, value) {
@@ -275,7 +279,7 @@ impl InMemoryContextStorage {
             match self.table.get::<T>(id) {
                 Some(slot) => {
                     if lock_slot_blocking(&slot, None) == Blocking::Locked {
-                        return replace_locked(&slot, id, value);
+                        return Ok(self.replace_locked(&slot, value));
                     }
                 }
                 None => match self.insert_new(id, value) {
@@ -311,6 +315,26 @@ impl InMemoryContextStorage {
 
     // ------------------------------------------------------------ internals
 
+    /// Called right after every acquisition through the store: hands the
+    /// versions the previous holders could not recycle to the collector.
+    #[inline]
+    fn acquired<T: Context>(&self, slot: StdArc<Slot<T>>, id: Uuid) -> MemGuard<T> {
+        // SAFETY: we have just acquired the lock; the table's collector is
+        // the one every reader pins.
+        unsafe { slot.drain_limbo(self.table.collector()) };
+        MemGuard::new(slot, id)
+    }
+
+    /// Publishes `value` into a slot the caller has locked, then unlocks it.
+    fn replace_locked<T: Context>(&self, slot: &Slot<T>, value: T) -> u64 {
+        // SAFETY: the caller holds the lock (this releases it); the table's
+        // collector is the one every reader pins.
+        unsafe {
+            slot.drain_limbo(self.table.collector());
+            slot.replace_and_unlock(value)
+        }
+    }
+
     /// The create/delete stripe of `id`. It guards no data (a panic while
     /// it is held cannot leave anything half-done), so poisoning is ignored.
     fn stripe(&self, id: Uuid) -> std::sync::MutexGuard<'_, ()> {
@@ -344,10 +368,11 @@ impl InMemoryContextStorage {
         // Never waited on while holding a slot lock by a creator (creators
         // take only the stripe), so holding both here cannot deadlock.
         let _stripe = self.stripe(id);
+        // SAFETY: the caller holds the slot's lock.
+        let version = unsafe { slot.version_locked() };
         // Relaxed: ordered before a later creator's load by the stripe
         // mutex (see `insert_new`).
-        self.version_floor
-            .fetch_max(slot.version(), Ordering::Relaxed);
+        self.version_floor.fetch_max(version, Ordering::Relaxed);
         // Kill even if `remove` unwinds: papaya may reclaim an earlier
         // deleted value in there (after unlinking this entry), running a
         // user `Drop` that can panic. Queued waiters must still be failed.
@@ -359,7 +384,7 @@ impl InMemoryContextStorage {
         loop {
             let slot = self.table.get::<T>(id).ok_or_else(|| not_found::<T>(id))?;
             match slot.lock.try_lock() {
-                TryLock::Acquired => return Ok(MemGuard::new(slot, id)),
+                TryLock::Acquired => return Ok(self.acquired(slot, id)),
                 TryLock::Held => return Err(ContextType::of::<T>().would_block(id)),
                 TryLock::Dead => continue,
             }
@@ -370,7 +395,7 @@ impl InMemoryContextStorage {
         loop {
             let slot = self.table.get::<T>(id).ok_or_else(|| not_found::<T>(id))?;
             if let Some(slot) = LockSlot::new(slot).await {
-                return Ok(MemGuard::new(slot, id));
+                return Ok(self.acquired(slot, id));
             }
         }
     }
@@ -407,7 +432,7 @@ impl InMemoryContextStorage {
         loop {
             let slot = self.table.get::<T>(id).ok_or_else(|| not_found::<T>(id))?;
             match lock_slot_blocking(&slot, deadline.map(|d| d.0)) {
-                Blocking::Locked => return Ok(MemGuard::new(slot, id)),
+                Blocking::Locked => return Ok(self.acquired(slot, id)),
                 Blocking::Dead => continue,
                 Blocking::TimedOut => {
                     return Err(ContextType::of::<T>()
@@ -416,13 +441,6 @@ impl InMemoryContextStorage {
             }
         }
     }
-}
-
-/// Publishes `value` into a slot the caller has locked, then unlocks it.
-fn replace_locked<T: Context>(slot: &Slot<T>, id: Uuid, value: T) -> Result<u64> {
-    // SAFETY: the caller holds the slot's lock; this releases it.
-    unsafe { slot.replace_and_unlock(value) }
-        .map_err(|found| ContextType::of::<T>().conflict(id, found.saturating_sub(1), found))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -650,17 +668,10 @@ pub(crate) mod raw {
         s: &InMemoryContextStorage,
         id: Uuid,
     ) -> Result<RawSnapshot> {
-        #[cfg(not(ctxstore_loom))]
-        let raw = s.table.with::<T, _>(id, |slot| RawSnapshot(slot.load()));
-        #[cfg(ctxstore_loom)]
-        let raw = s.table.with::<T, _>(id, |slot| {
-            let v = slot.load();
-            RawSnapshot::new(crate::guard::Versioned {
-                version: v.version,
-                value: v.value.clone(),
-            })
-        });
-        raw.ok_or_else(|| not_found::<T>(id))
+        s.table
+            // SAFETY: `with` pins the collector `drain_limbo` retires into.
+            .with::<T, _>(id, |slot| RawSnapshot::from_shared(unsafe { slot.load() }))
+            .ok_or_else(|| not_found::<T>(id))
     }
 
     pub(crate) fn delete<T: Context>(

@@ -173,15 +173,6 @@ impl RawLock {
         }
     }
 
-    /// A lock that starts out held (a slot being created by its holder).
-    #[cfg(ctxstore_loom)]
-    pub(crate) fn new_locked() -> Self {
-        Self {
-            state: AtomicU64::new(LOCKED),
-            queue: Mutex::new(VecDeque::new()),
-        }
-    }
-
     /// One CAS; never queues.
     #[inline]
     pub(crate) fn try_lock(&self) -> TryLock {

@@ -15,19 +15,33 @@ type Entry = Arc<dyn Any + Send + Sync>;
 /// anyway (no `unsafe` here).
 pub(crate) struct Table {
     map: papaya::HashMap<Key, Entry, foldhash::fast::RandomState>,
+    // The map's reclamation collector, shared so that slots can retire the
+    // versions readers may still be loading into the same grace periods that
+    // lookups pin (`Slot::drain_limbo`).
+    collector: Arc<seize::Collector>,
 }
 
 impl Table {
     pub(crate) fn with_capacity(capacity: usize) -> Self {
+        let collector = Arc::new(seize::Collector::new());
         Self {
             map: papaya::HashMap::builder()
                 .capacity(capacity)
                 .hasher(foldhash::fast::RandomState::default())
+                .shared_collector(collector.clone())
                 .build(),
+            collector,
         }
     }
 
-    /// Runs `f` on the slot without touching its reference count.
+    /// The collector every lookup pins.
+    #[inline]
+    pub(crate) fn collector(&self) -> &seize::Collector {
+        &self.collector
+    }
+
+    /// Runs `f` on the slot without touching its reference count, pinned in
+    /// [`collector`](Self::collector) for the whole call.
     #[inline]
     pub(crate) fn with<T: 'static + Send + Sync, R>(
         &self,
