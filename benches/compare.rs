@@ -5,7 +5,8 @@
 //!
 //! | name             | store                                                        |
 //! |------------------|--------------------------------------------------------------|
-//! | `ctxstore`       | `InMemoryContextStorage` through its inherent API            |
+//! | `ctxstore`       | `InMemoryContextStorage` through its inherent API; mutate = `update_context` |
+//! | `ctxstore_guard` | the same, mutate = `get_context` + change + `commit` (a guard) |
 //! | `dashmap_mutex`  | `DashMap<Uuid, Arc<tokio::sync::Mutex<T>>>`, snapshot = lock + clone |
 //! | `scc`            | `scc::HashMap<Uuid, T>`, `update_async` / `read_async` + clone |
 //! | `papaya_mutex`   | `papaya::HashMap<Uuid, Arc<tokio::sync::Mutex<T>>>`          |
@@ -18,6 +19,9 @@
 //!
 //! * `W1_hot_key`: 64 tasks mutate one key (lock, change, commit).
 //! * `W2_spread`: 64 tasks, 10,000 keys, a random key per mutation.
+//! * `W2F_spread_clone_from`: W2 with a context whose `Clone` forwards
+//!   `clone_from` field by field (what the README recommends), so
+//!   copy-on-write commits reuse the value's buffers.
 //! * `W4_snapshot` / `W4_snapshot_4KiB`: 64 tasks snapshot random keys of
 //!   10,000, no writers (the 4 KiB variant carries a 4 KiB payload).
 //! * `W5_mixed`: 90% snapshot / 9% mutate / 1% store-or-delete.
@@ -113,6 +117,65 @@ impl Value for JobCtx {
     }
 }
 
+/// [`JobCtx`] with the `Clone` the README recommends: `clone_from` field by
+/// field, so a copy-on-write commit into a recycled allocation reuses the
+/// `String` and `Vec` buffers instead of allocating new ones (W2F).
+#[derive(Debug, Serialize, Deserialize)]
+struct JobCtxF {
+    job_name: String,
+    processed: u64,
+    history: Vec<u64>,
+}
+
+impl Clone for JobCtxF {
+    fn clone(&self) -> Self {
+        JobCtxF {
+            job_name: self.job_name.clone(),
+            processed: self.processed,
+            history: self.history.clone(),
+        }
+    }
+
+    fn clone_from(&mut self, source: &Self) {
+        self.job_name.clone_from(&source.job_name);
+        self.processed = source.processed;
+        self.history.clone_from(&source.history);
+    }
+}
+
+impl Context for JobCtxF {
+    fn kind() -> &'static str {
+        "bench_job_f"
+    }
+}
+
+impl Value for JobCtxF {
+    fn fresh(seed: u64) -> Self {
+        let JobCtx {
+            job_name,
+            processed,
+            history,
+        } = JobCtx::fresh(seed);
+        JobCtxF {
+            job_name,
+            processed,
+            history,
+        }
+    }
+
+    #[inline]
+    fn touch(&mut self) {
+        self.processed += 1;
+        let i = (self.processed % 16) as usize;
+        self.history[i] = self.processed;
+    }
+
+    #[inline]
+    fn processed(&self) -> u64 {
+        self.processed
+    }
+}
+
 /// The same with a 4 KiB payload, for the cost of a snapshot that copies.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct BigCtx {
@@ -180,6 +243,49 @@ impl<V: Value> Contender<V> for Ctxstore<V> {
 
     fn with_capacity(n: usize) -> Self {
         Ctxstore(
+            InMemoryContextStorage::with_capacity(n),
+            std::marker::PhantomData,
+        )
+    }
+
+    async fn store(&self, id: Uuid, v: V) {
+        self.0.store_context(id, v).await.expect("store");
+    }
+
+    async fn mutate(&self, id: Uuid) -> bool {
+        self.0.update_context(id, V::touch).await.is_ok()
+    }
+
+    fn mutate_blocking(&self, id: Uuid) -> bool {
+        self.0.update_context_blocking(id, V::touch).is_ok()
+    }
+
+    async fn snapshot(&self, id: Uuid) -> Option<u64> {
+        self.0.snapshot::<V>(id).ok().map(|s| s.processed())
+    }
+
+    async fn delete(&self, id: Uuid) -> bool {
+        self.0.delete_context::<V>(id).await.is_ok()
+    }
+
+    async fn hold(&self, id: Uuid, d: Duration) {
+        if let Ok(mut g) = self.0.get_context::<V>(id).await {
+            tokio::time::sleep(d).await;
+            g.touch();
+            g.commit().await.expect("commit");
+        }
+    }
+}
+
+/// ctxstore through its guard: `get_context`, change, `commit` (the path a
+/// step that awaits while holding the context takes).
+struct CtxstoreGuard<V>(InMemoryContextStorage, std::marker::PhantomData<V>);
+
+impl<V: Value> Contender<V> for CtxstoreGuard<V> {
+    const NAME: &'static str = "ctxstore_guard";
+
+    fn with_capacity(n: usize) -> Self {
+        CtxstoreGuard(
             InMemoryContextStorage::with_capacity(n),
             std::marker::PhantomData,
         )
@@ -491,6 +597,7 @@ impl<V: Value> Contender<V> for RwLockMutex<V> {
 macro_rules! for_each_contender {
     ($v:ty, $f:ident ( $($arg:expr),* $(,)? )) => {{
         $f::<Ctxstore<$v>, $v>($($arg),*);
+        $f::<CtxstoreGuard<$v>, $v>($($arg),*);
         $f::<DashMutex<$v>, $v>($($arg),*);
         $f::<Scc<$v>, $v>($($arg),*);
         $f::<PapayaMutex<$v>, $v>($($arg),*);
@@ -1077,6 +1184,7 @@ fn write_extras(name: &str, rows: Vec<serde_json::Value>, meta: &serde_json::Val
 const GROUPS: &[(&str, &str)] = &[
     ("W1_hot_key", "w1"),
     ("W2_spread", "w2"),
+    ("W2F_spread_clone_from", "w2f"),
     ("W4_snapshot", "w4"),
     ("W4_snapshot_4KiB", "w4_4k"),
     ("W5_mixed", "w5"),
@@ -1165,13 +1273,15 @@ fn main() {
                 };
                 if workload == "w4_4k" {
                     for_each_contender!(BigCtx, run_one("w4", name, &mut sink, &rt));
+                } else if workload == "w2f" {
+                    for_each_contender!(JobCtxF, run_one("w2", name, &mut sink, &rt));
                 } else {
                     for_each_contender!(JobCtx, run_one(workload, name, &mut sink, &rt));
                 }
             }
             _ => eprintln!(
                 "{CHILD_ENV}={spec:?}: expected w6:<contender>:<lifecycles>:<budget_ms> or \
-                 run:<w1|w2|w4|w4_4k|w5|w6|w7>:<contender>:<iterations>"
+                 run:<w1|w2|w2f|w4|w4_4k|w5|w6|w7>:<contender>:<iterations>"
             ),
         }
         return;
@@ -1254,6 +1364,8 @@ fn main() {
         if *workload == "w4_4k" {
             for_each_contender!(BigCtx, workload_for("w4", &mut sink, &rt));
             limit_load_full::<BigCtx>(&mut sink, &rt);
+        } else if *workload == "w2f" {
+            for_each_contender!(JobCtxF, workload_for("w2", &mut sink, &rt));
         } else {
             for_each_contender!(JobCtx, workload_for(workload, &mut sink, &rt));
         }

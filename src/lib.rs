@@ -142,6 +142,19 @@ pub mod __loom {
     use crate::memory::{lock_slot_blocking, Blocking, LockSlot, MemGuard};
     use crate::{Context, Result, Uuid};
 
+    /// Chooses what a release does for the head waiter in the models run on
+    /// this OS thread: hand the lock over (`true`, what happens once the
+    /// head has waited the fairness bound) or wake it to compete with
+    /// newcomers (`false`, before the bound).
+    pub fn set_handoff(handoff: bool) {
+        crate::sync::HANDOFF.with(|h| h.set(handoff));
+    }
+
+    /// The release policy [`set_handoff`] chose for this OS thread.
+    pub fn handoff() -> bool {
+        crate::sync::HANDOFF.with(|h| h.get())
+    }
+
     /// Why an acquisition did not get the lock.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     pub enum Refused {
@@ -214,7 +227,7 @@ pub mod __loom {
 
         /// The task path: the engine's `LockSlot` future.
         pub fn lock(&self) -> Lock<T> {
-            Lock(LockSlot::new(self.0.clone()))
+            Lock(LockSlot::new(self.0.clone(), std::time::Duration::ZERO))
         }
 
         /// The thread path: `lock_slot_blocking` without a deadline.
@@ -230,7 +243,7 @@ pub mod __loom {
         }
 
         fn blocking(&self, deadline: Option<Instant>) -> std::result::Result<Locked<T>, Refused> {
-            match lock_slot_blocking(&self.0, deadline) {
+            match lock_slot_blocking(&self.0, deadline, std::time::Duration::ZERO) {
                 Blocking::Locked => Ok(Locked(Some(self.0.clone()))),
                 Blocking::Dead => Err(Refused::Dead),
                 Blocking::TimedOut => Err(Refused::TimedOut),

@@ -60,6 +60,46 @@ mod imp {
         }
     }
 
+    /// When a waiter that first queues now is owed a direct hand-off.
+    #[derive(Debug, Clone, Copy)]
+    pub(crate) enum Since {
+        /// Strict FIFO (a zero bound): always, and no clock is read.
+        Always,
+        At(std::time::Instant),
+        /// The bound is too far away to represent.
+        Never,
+    }
+
+    impl Since {
+        /// `bound` from now.
+        #[inline]
+        pub(crate) fn now(bound: std::time::Duration) -> Self {
+            if bound.is_zero() {
+                return Self::Always;
+            }
+            match std::time::Instant::now().checked_add(bound) {
+                Some(due) => Self::At(due),
+                None => Self::Never,
+            }
+        }
+    }
+
+    /// Whether the waiter's bound has passed.
+    #[inline]
+    pub(crate) fn handoff_due(since: &Since) -> bool {
+        match since {
+            Since::Always => true,
+            Since::At(due) => std::time::Instant::now() >= *due,
+            Since::Never => false,
+        }
+    }
+
+    /// How many rounds a lock attempt spins before it queues.
+    #[inline]
+    pub(crate) fn spin_rounds() -> u32 {
+        5
+    }
+
     /// Loom's data-race check on a version's value; nothing outside loom.
     #[derive(Debug, Default)]
     pub(crate) struct RaceCheck;
@@ -112,6 +152,35 @@ mod imp {
     }
 
     pub(crate) use loom::cell::UnsafeCell;
+
+    /// Loom has no clock: arrival times are not modelled.
+    #[derive(Debug, Clone, Copy)]
+    pub(crate) struct Since;
+
+    impl Since {
+        pub(crate) fn now(_bound: std::time::Duration) -> Self {
+            Self
+        }
+    }
+
+    std::thread_local! {
+        /// Whether releases hand the lock to the head waiter (`true`) or
+        /// wake it to compete (`false`) in the models: each model runs in
+        /// both modes (`ctxstore::__loom::set_handoff`), since loom cannot
+        /// model the clock that decides it for real. Thread-local: loom runs
+        /// a model's threads on the OS thread that called `check`, and test
+        /// binaries run models in parallel on different OS threads.
+        pub(crate) static HANDOFF: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+    }
+
+    pub(crate) fn handoff_due(_since: &Since) -> bool {
+        HANDOFF.with(|h| h.get())
+    }
+
+    /// No spinning in the models (every spin would have to yield).
+    pub(crate) fn spin_rounds() -> u32 {
+        0
+    }
 
     /// Makes loom check that every read of a version's value is ordered
     /// with every rewrite of it (recycling): an access pair without a

@@ -270,8 +270,16 @@ fn plain_threads_and_tasks_increment_one_key_exactly() {
     assert_eq!(snap.processed, (THREADS + TASKS) * EACH);
 }
 
-#[tokio::test(flavor = "current_thread")]
-async fn waiters_are_served_in_arrival_order() {
+/// Queues 16 tasks behind a held lock on a current-thread runtime; returns
+/// the store, the key, the holder's guard, the task handles and the order
+/// in which the tasks got the lock.
+async fn sixteen_waiters() -> (
+    Arc<InMemoryContextStorage>,
+    Uuid,
+    ContextGuard<JobContext>,
+    Vec<tokio::task::JoinHandle<()>>,
+    Arc<Mutex<Vec<i32>>>,
+) {
     let store = Arc::new(InMemoryContextStorage::new());
     let id = Uuid::new_v4();
     store.store_context(id, job(0)).await.unwrap();
@@ -290,8 +298,44 @@ async fn waiters_are_served_in_arrival_order() {
         // it is queued before task i + 1 starts.
         tokio::task::yield_now().await;
     }
-    // A newcomer that arrives at release time must not barge past them.
+    (store, id, holder, tasks, order)
+}
+
+/// Waiters are served in arrival order among themselves (a woken waiter
+/// that loses the lock to a newcomer goes back to the front), while a
+/// newcomer may take a free lock before the fairness bound (no convoy).
+#[tokio::test(flavor = "current_thread")]
+async fn waiters_are_served_in_arrival_order() {
+    let (store, id, holder, tasks, order) = sixteen_waiters().await;
     drop(holder);
+    let late = store.get_context::<JobContext>(id).await.unwrap();
+    order.lock().unwrap().push(99);
+    drop(late);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let order = order.lock().unwrap().clone();
+    let waiters: Vec<i32> = order.iter().copied().filter(|&i| i != 99).collect();
+    assert_eq!(waiters, (0..16).collect::<Vec<_>>(), "{order:?}");
+    assert_eq!(order.len(), 17);
+    assert_eq!(store.snapshot::<JobContext>(id).unwrap().processed, 16);
+}
+
+/// Bounded fairness: once the oldest waiter has waited the bound (0.5 ms),
+/// a release hands the lock to it directly, so a newcomer arriving right at
+/// release time cannot take it, and the waiters are served in order before
+/// the newcomer.
+#[tokio::test(flavor = "current_thread")]
+async fn a_waiter_past_the_bound_gets_the_lock_handed_over() {
+    let (store, id, holder, tasks, order) = sixteen_waiters().await;
+    // Well past the bound (the waiters queued before this sleep began).
+    std::thread::sleep(Duration::from_millis(3));
+    drop(holder);
+    // The lock went to task 0 without ever being free.
+    let refused = store.try_get_context::<JobContext>(id).await.unwrap_err();
+    assert!(refused.is_would_block(), "{refused}");
+    // Every waiter has now waited past the bound too: each release hands
+    // over to the next one in order, so the newcomer queues behind them all.
     let late = store.get_context::<JobContext>(id).await.unwrap();
     order.lock().unwrap().push(99);
     drop(late);

@@ -775,7 +775,9 @@ enum Task<'s> {
 /// Applies `ops` to a fresh store and to the model, asserting they agree
 /// (panics, with the op index and a description, where they do not).
 pub fn run(ops: &[Op]) {
-    let mem = InMemoryContextStorage::new();
+    // Strict FIFO hand-off: the model serves waiters in arrival order at
+    // every release (the default bound depends on the clock).
+    let mem = InMemoryContextStorage::new().with_fairness_bound(Duration::ZERO);
     let stores = Stores {
         mem: &mem,
         dyn_: &mem,

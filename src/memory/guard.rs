@@ -110,3 +110,49 @@ impl<T: Context> Drop for MemGuard<T> {
         self.slot.lock.unlock();
     }
 }
+
+/// The `update_context` step on a slot the caller has locked: copy the
+/// committed value into a draft, run `f` on it, publish, unlock — with no
+/// guard object and no reference count touched. A panic in `f` (or in the
+/// value's `Clone`) publishes nothing, logs the rollback warning like a
+/// dropped guard, and still unlocks.
+///
+/// # Safety
+/// The caller holds `slot.lock`; it is released when this returns or unwinds.
+#[inline]
+pub(crate) unsafe fn update_locked<T: Context, R>(
+    slot: &Slot<T>,
+    id: Uuid,
+    f: impl FnOnce(&mut T) -> R,
+) -> R {
+    /// Unlocks on every exit; on unwind also gives the draft back.
+    struct Held<'a, T: Context> {
+        slot: &'a Slot<T>,
+        draft: Option<Draft<T>>,
+        id: Uuid,
+    }
+
+    impl<T: Context> Drop for Held<'_, T> {
+        fn drop(&mut self) {
+            if let Some(draft) = self.draft.take() {
+                warn_uncommitted(std::any::type_name::<T>(), self.id);
+                // SAFETY: we hold the slot's lock until the unlock below.
+                unsafe { self.slot.discard(draft) };
+            }
+            self.slot.lock.unlock();
+        }
+    }
+
+    let mut held = Held {
+        slot,
+        draft: None,
+        id,
+    };
+    // SAFETY: the caller holds the lock; `base` is its committed version.
+    let draft = held.draft.insert(unsafe { slot.draft_from(slot.base()) });
+    let out = f(draft.get_mut());
+    let draft = held.draft.take().expect("set above");
+    // SAFETY: we hold the lock (released when `held` drops, right after).
+    unsafe { slot.publish(draft) };
+    out
+}

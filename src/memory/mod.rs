@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 pub(crate) use self::guard::MemGuard;
-use self::park::{Enqueue, TryLock, Waiter, GRANTED, KILLED};
+use self::park::{Enqueue, Place, TryLock, Waiter, GRANTED, KILLED, WOKEN};
 use self::slot::Slot;
 use self::table::Table;
 pub(crate) use self::version::Shared;
@@ -68,6 +68,9 @@ pub struct InMemoryContextStorage {
     // respect to a delete of the same key (see `insert_new`). Only create
     // and delete take it; locks, commits and snapshots never do.
     create_delete: [std::sync::Mutex<()>; STRIPES],
+    // How long a queued waiter may be passed by newcomers (see
+    // `with_fairness_bound`).
+    fair_after: Duration,
 }
 
 /// Number of create/delete stripes.
@@ -103,7 +106,26 @@ impl InMemoryContextStorage {
             table: Table::with_capacity(capacity),
             version_floor: AtomicU64::new(0),
             create_delete: std::array::from_fn(|_| std::sync::Mutex::new(())),
+            fair_after: self::park::FAIR_AFTER,
         }
+    }
+
+    /// Sets the fairness bound: how long a queued waiter may be passed by
+    /// callers that find the lock free (0.5 ms by default). Until then a
+    /// release frees the lock and wakes the oldest waiter to compete for it
+    /// (no convoy behind a hot key); once the oldest waiter has waited the
+    /// bound, releases hand the lock to it directly, so no waiter starves.
+    /// `Duration::ZERO` gives strict FIFO hand-off at every release (the
+    /// most predictable order, the lowest throughput under contention).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let strict_fifo = ctxstore::InMemoryContextStorage::new().with_fairness_bound(Duration::ZERO);
+    /// # drop(strict_fifo);
+    /// ```
+    pub fn with_fairness_bound(mut self, bound: Duration) -> Self {
+        self.fair_after = bound;
+        self
     }
 
     /// The number of stored contexts, of all types.
@@ -168,7 +190,7 @@ impl InMemoryContextStorage {
         loop {
             match self.table.get::<T>(id) {
                 Some(slot) => {
-                    if let Some(slot) = LockSlot::new(slot).await {
+                    if let Some(slot) = LockSlot::new(slot, self.fair_after).await {
                         return Ok(self.replace_locked(&slot, value));
                     }
                 }
@@ -224,10 +246,17 @@ impl InMemoryContextStorage {
         id: Uuid,
         f: impl FnOnce(&mut T) -> R,
     ) -> Result<R> {
-        let mut guard = self.lock_wait::<T>(id).await?;
-        let out = f(&mut guard);
-        guard.commit()?;
-        Ok(out)
+        let mut f = Some(f);
+        match self.update_now(id, &mut f) {
+            Some(done) => done,
+            None => {
+                let f = f.take().expect("not run when the lock was busy");
+                let mut guard = self.lock_wait::<T>(id).await?;
+                let out = f(&mut guard);
+                guard.commit()?;
+                Ok(out)
+            }
+        }
     }
 
     /// Deletes the context, after waiting for a current holder. `NotFound`
@@ -239,7 +268,7 @@ impl InMemoryContextStorage {
     pub async fn delete_context<T: Context>(&self, id: Uuid) -> Result<()> {
         loop {
             let slot = self.table.get::<T>(id).ok_or_else(|| not_found::<T>(id))?;
-            if let Some(slot) = LockSlot::new(slot).await {
+            if let Some(slot) = LockSlot::new(slot, self.fair_after).await {
                 self.unlink_locked(id, &slot);
                 return Ok(());
             }
@@ -278,7 +307,7 @@ impl InMemoryContextStorage {
         loop {
             match self.table.get::<T>(id) {
                 Some(slot) => {
-                    if lock_slot_blocking(&slot, None) == Blocking::Locked {
+                    if lock_slot_blocking(&slot, None, self.fair_after) == Blocking::Locked {
                         return Ok(self.replace_locked(&slot, value));
                     }
                 }
@@ -296,17 +325,24 @@ impl InMemoryContextStorage {
         id: Uuid,
         f: impl FnOnce(&mut T) -> R,
     ) -> Result<R> {
-        let mut guard = self.lock_blocking::<T>(id, None)?;
-        let out = f(&mut guard);
-        guard.commit()?;
-        Ok(out)
+        let mut f = Some(f);
+        match self.update_now(id, &mut f) {
+            Some(done) => done,
+            None => {
+                let f = f.take().expect("not run when the lock was busy");
+                let mut guard = self.lock_blocking::<T>(id, None)?;
+                let out = f(&mut guard);
+                guard.commit()?;
+                Ok(out)
+            }
+        }
     }
 
     /// [`delete_context`](Self::delete_context) for plain threads.
     pub fn delete_context_blocking<T: Context>(&self, id: Uuid) -> Result<()> {
         loop {
             let slot = self.table.get::<T>(id).ok_or_else(|| not_found::<T>(id))?;
-            if lock_slot_blocking(&slot, None) == Blocking::Locked {
+            if lock_slot_blocking(&slot, None, self.fair_after) == Blocking::Locked {
                 self.unlink_locked(id, &slot);
                 return Ok(());
             }
@@ -323,6 +359,35 @@ impl InMemoryContextStorage {
         // the one every reader pins.
         unsafe { slot.drain_limbo(self.table.collector()) };
         MemGuard::new(slot, id)
+    }
+
+    /// The uncontended `update_context`: inside one table pin, lock with one
+    /// CAS, run `f` on a draft, publish and unlock (no `Arc` of the slot, no
+    /// guard). `None` (with `f` untouched) when the lock is busy or the slot
+    /// died: the caller waits on the slow path.
+    #[inline]
+    fn update_now<T: Context, R, F: FnOnce(&mut T) -> R>(
+        &self,
+        id: Uuid,
+        f: &mut Option<F>,
+    ) -> Option<Result<R>> {
+        let found = self.table.with::<T, _>(id, |slot| {
+            if slot.lock.try_lock() != TryLock::Acquired {
+                return None;
+            }
+            let f = f.take().expect("taken once");
+            // SAFETY: we just acquired the lock; `update_locked` releases it.
+            // The table's pin keeps the slot alive for the call.
+            unsafe {
+                slot.drain_limbo(self.table.collector());
+                Some(self::guard::update_locked(slot, id, f))
+            }
+        });
+        match found {
+            None => Some(Err(not_found::<T>(id))),
+            Some(None) => None,
+            Some(Some(out)) => Some(Ok(out)),
+        }
     }
 
     /// Publishes `value` into a slot the caller has locked, then unlocks it.
@@ -394,7 +459,7 @@ impl InMemoryContextStorage {
     pub(crate) async fn lock_wait<T: Context>(&self, id: Uuid) -> Result<MemGuard<T>> {
         loop {
             let slot = self.table.get::<T>(id).ok_or_else(|| not_found::<T>(id))?;
-            if let Some(slot) = LockSlot::new(slot).await {
+            if let Some(slot) = LockSlot::new(slot, self.fair_after).await {
                 return Ok(self.acquired(slot, id));
             }
         }
@@ -431,7 +496,7 @@ impl InMemoryContextStorage {
     ) -> Result<MemGuard<T>> {
         loop {
             let slot = self.table.get::<T>(id).ok_or_else(|| not_found::<T>(id))?;
-            match lock_slot_blocking(&slot, deadline.map(|d| d.0)) {
+            match lock_slot_blocking(&slot, deadline.map(|d| d.0), self.fair_after) {
                 Blocking::Locked => return Ok(self.acquired(slot, id)),
                 Blocking::Dead => continue,
                 Blocking::TimedOut => {
@@ -450,10 +515,13 @@ pub(crate) enum Blocking {
     TimedOut,
 }
 
-/// Locks `slot` from a plain thread: a short spin with backoff (no barging:
-/// `try_lock` only wins a free lock, and a lock with waiters is never free),
-/// then parks in the FIFO queue.
-pub(crate) fn lock_slot_blocking<T>(slot: &Slot<T>, deadline: Option<Instant>) -> Blocking {
+/// Locks `slot` from a plain thread: a short spin with backoff, then parks
+/// in the queue (bounded fairness: see `park`).
+pub(crate) fn lock_slot_blocking<T>(
+    slot: &Slot<T>,
+    deadline: Option<Instant>,
+    fair_after: Duration,
+) -> Blocking {
     match slot.lock.try_lock() {
         TryLock::Acquired => return Blocking::Locked,
         TryLock::Dead => return Blocking::Dead,
@@ -471,8 +539,8 @@ pub(crate) fn lock_slot_blocking<T>(slot: &Slot<T>, deadline: Option<Instant>) -
             }
         }
     }
-    let waiter = Waiter::for_thread();
-    match slot.lock.enqueue(&waiter) {
+    let waiter = Waiter::for_thread(fair_after);
+    match slot.lock.enqueue(&waiter, Place::Back) {
         Enqueue::Acquired => return Blocking::Locked,
         Enqueue::Dead => return Blocking::Dead,
         Enqueue::Queued => {}
@@ -481,6 +549,20 @@ pub(crate) fn lock_slot_blocking<T>(slot: &Slot<T>, deadline: Option<Instant>) -
         match waiter.state() {
             GRANTED => return Blocking::Locked,
             KILLED => return Blocking::Dead,
+            WOKEN => {
+                // A release freed the lock for us to compete for: take it,
+                // or go back to the front of the queue.
+                let retry = match slot.lock.try_lock() {
+                    TryLock::Acquired => Enqueue::Acquired,
+                    TryLock::Dead => Enqueue::Dead,
+                    TryLock::Held => slot.lock.enqueue(&waiter, Place::Front),
+                };
+                match retry {
+                    Enqueue::Acquired => return Blocking::Locked,
+                    Enqueue::Dead => return Blocking::Dead,
+                    Enqueue::Queued => continue,
+                }
+            }
             _ => {}
         }
         match deadline {
@@ -512,13 +594,15 @@ pub(crate) fn lock_slot_blocking<T>(slot: &Slot<T>, deadline: Option<Instant>) -
 pub(crate) struct LockSlot<T> {
     slot: Option<StdArc<Slot<T>>>,
     waiter: Option<Arc<Waiter>>,
+    fair_after: Duration,
 }
 
 impl<T> LockSlot<T> {
-    pub(crate) fn new(slot: StdArc<Slot<T>>) -> Self {
+    pub(crate) fn new(slot: StdArc<Slot<T>>, fair_after: Duration) -> Self {
         Self {
             slot: Some(slot),
             waiter: None,
+            fair_after,
         }
     }
 
@@ -539,16 +623,16 @@ impl<T> Future for LockSlot<T> {
             .as_ref()
             .expect("LockSlot polled after completion");
         let Some(waiter) = &this.waiter else {
-            match slot.lock.try_lock() {
+            match slot.lock.try_lock_spin() {
                 TryLock::Acquired => return this.finish(true),
                 TryLock::Dead => return this.finish(false),
                 TryLock::Held => {}
             }
-            let waiter = Waiter::for_task();
-            // Register before enqueueing: a hand-off right after the enqueue
+            let waiter = Waiter::for_task(this.fair_after);
+            // Register before enqueueing: a wake-up right after the enqueue
             // then finds the waker.
             waiter.register(cx.waker());
-            return match slot.lock.enqueue(&waiter) {
+            return match slot.lock.enqueue(&waiter, Place::Back) {
                 Enqueue::Acquired => this.finish(true),
                 Enqueue::Dead => this.finish(false),
                 Enqueue::Queued => {
@@ -557,18 +641,37 @@ impl<T> Future for LockSlot<T> {
                 }
             };
         };
-        match waiter.state() {
-            GRANTED => return this.finish(true),
-            KILLED => return this.finish(false),
-            _ => {}
-        }
-        waiter.register(cx.waker());
-        // Re-check after registering: a hand-off between the check above and
-        // the registration woke the old waker (or none).
-        match waiter.state() {
-            GRANTED => this.finish(true),
-            KILLED => this.finish(false),
-            _ => Poll::Pending,
+        let mut registered = false;
+        loop {
+            match waiter.state() {
+                GRANTED => return this.finish(true),
+                KILLED => return this.finish(false),
+                WOKEN => {
+                    // A release freed the lock for us to compete for: take
+                    // it, or go back to the front of the queue (registered
+                    // first, as on the first poll).
+                    match slot.lock.try_lock() {
+                        TryLock::Acquired => return this.finish(true),
+                        TryLock::Dead => return this.finish(false),
+                        TryLock::Held => {}
+                    }
+                    waiter.register(cx.waker());
+                    registered = true;
+                    match slot.lock.enqueue(waiter, Place::Front) {
+                        Enqueue::Acquired => return this.finish(true),
+                        Enqueue::Dead => return this.finish(false),
+                        Enqueue::Queued => {}
+                    }
+                }
+                _ if registered => return Poll::Pending,
+                _ => {
+                    waiter.register(cx.waker());
+                    // Re-check after registering: a wake-up between the
+                    // check above and the registration woke the old waker
+                    // (or none).
+                    registered = true;
+                }
+            }
         }
     }
 }

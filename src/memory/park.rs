@@ -1,49 +1,67 @@
-//! The slot's lock word and its FIFO parking queue.
+//! The slot's lock word and its parking queue.
 //!
 //! # Implementation details
 //!
 //! The lock is one `AtomicU64` with three bits:
 //!
 //! * `LOCKED`: somebody owns the slot (a guard, a store or a delete);
-//! * `QUEUED`: the wait queue is not empty. Invariant: `QUEUED` implies
-//!   `LOCKED`, because a release with waiters *hands the lock over* to the
-//!   head of the queue instead of clearing `LOCKED`;
+//! * `QUEUED`: the wait queue is not empty (changed only under the queue
+//!   mutex, together with the queue);
 //! * `DEAD`: the context was deleted; every acquisition fails from now on.
 //!
-//! Uncontended acquire is one CAS `0 -> LOCKED`; uncontended release is one
-//! CAS `LOCKED -> 0`. Neither touches the queue. The queue (a `Mutex` around
-//! a `VecDeque`, which allocates only when the first waiter arrives) is
-//! touched only by waiters, by a release that sees `QUEUED`, by cancellation
-//! and by delete.
+//! Uncontended acquire is one CAS setting `LOCKED`; uncontended release is
+//! one CAS `LOCKED -> 0`. Neither touches the queue. The queue (a `Mutex`
+//! around a `VecDeque`, which allocates only when the first waiter arrives)
+//! is touched only by waiters, by a release that sees `QUEUED`, by
+//! cancellation and by delete.
 //!
-//! ## Fairness
+//! ## Fairness: bounded, not strict
 //!
-//! Waiters are served in arrival order and a newcomer can never barge past a
-//! queued waiter: while anybody waits, `LOCKED` stays set and ownership is
-//! handed from holder to head of queue directly. No waiter starves.
+//! A free lock can be taken by anybody, also while others wait (`QUEUED`
+//! without `LOCKED`): a task that releases and re-acquires in a loop keeps
+//! running instead of handing off to a parked waiter and waiting for it to
+//! be scheduled (the convoy that strict FIFO hand-off causes). A release
+//! that finds waiters does one of two things with the head of the queue:
+//!
+//! * it has waited less than the store's fairness bound ([`FAIR_AFTER`] by
+//!   default): the release frees the lock and
+//!   wakes it (`WOKEN`); it competes for the lock like a newcomer, and if it
+//!   loses it goes back to the *front* of the queue, keeping its arrival
+//!   time;
+//! * it has waited the bound or more: the release *hands the lock over*
+//!   (`GRANTED`, `LOCKED` never cleared), so nobody can barge past it.
+//!
+//! So no waiter starves: once the head has waited the bound, every release
+//! serves the queue in order until it is empty or its head is young again.
 //!
 //! ## Cancel safety
 //!
-//! Every state change of a [`Waiter`] (`WAITING -> GRANTED | DEAD |
-//! CANCELLED`) happens under the queue mutex, so a cancelling waiter can tell
-//! exactly whether it was granted the lock. One that was granted but is being
-//! dropped passes the lock on ([`RawLock::cancel`] reports it, the caller
-//! releases), so a wake-up is never lost and the lock never leaks.
+//! Every state change of a [`Waiter`] (`WAITING -> GRANTED | WOKEN | KILLED
+//! | CANCELLED`, and `WOKEN -> WAITING` when it re-queues) happens under the
+//! queue mutex, so a cancelling waiter can tell exactly what it was given.
+//! One that was granted but is being dropped passes the lock on
+//! ([`RawLock::cancel`] reports it, the caller releases); one that was
+//! woken but will not retry passes the wake-up on to the next waiter if the
+//! lock is free. So a wake-up is never lost and the lock never leaks.
 //!
 //! ## Orderings
 //!
 //! Data written by a holder must be visible to the next holder. Two paths
 //! carry that happens-before edge:
 //!
-//! * free lock: the releasing `Release` CAS/store on `state` pairs with the
-//!   next acquirer's `Acquire` CAS on `state`;
+//! * free lock (also after a wake-up): the releasing `Release` CAS/RMW on
+//!   `state` pairs with the next acquirer's `Acquire` CAS on `state`;
 //! * hand-off: the releaser's `Release` store of `GRANTED` to the waiter's
 //!   `state` pairs with the waiter's `Acquire` load of it.
 
 use std::collections::VecDeque;
 use std::task::Waker;
+use std::time::Duration;
 
-use crate::sync::{current_thread, spin_hint, Arc, AtomicU64, AtomicU8, Mutex, Ordering, Thread};
+use crate::sync::{
+    current_thread, handoff_due, spin_hint, spin_rounds, Arc, AtomicU64, AtomicU8, Mutex, Ordering,
+    Since, Thread,
+};
 
 pub(crate) const LOCKED: u64 = 1;
 pub(crate) const QUEUED: u64 = 2;
@@ -58,6 +76,14 @@ pub(crate) const GRANTED: u8 = 1;
 pub(crate) const KILLED: u8 = 2;
 /// The waiter gave up (dropped future, timeout) and left the queue.
 pub(crate) const CANCELLED: u8 = 3;
+/// A release freed the lock and woke this waiter, which left the queue: it
+/// must try to take the lock and re-queue (at the front) if it loses.
+pub(crate) const WOKEN: u8 = 4;
+
+/// How long a queued waiter may be passed by newcomers before a release
+/// hands the lock to it directly (see the module docs); the default of
+/// `InMemoryContextStorage::with_fairness_bound`.
+pub(crate) const FAIR_AFTER: Duration = Duration::from_micros(500);
 
 /// How a waiter is woken.
 enum Notify {
@@ -70,20 +96,25 @@ enum Notify {
 pub(crate) struct Waiter {
     state: AtomicU8,
     notify: Mutex<Notify>,
+    /// When it is owed a hand-off: its first queueing plus the store's
+    /// fairness bound (kept when it re-queues after a wake-up).
+    since: Since,
 }
 
 impl Waiter {
-    pub(crate) fn for_task() -> Arc<Self> {
+    pub(crate) fn for_task(fair_after: Duration) -> Arc<Self> {
         Arc::new(Self {
             state: AtomicU8::new(WAITING),
             notify: Mutex::new(Notify::None),
+            since: Since::now(fair_after),
         })
     }
 
-    pub(crate) fn for_thread() -> Arc<Self> {
+    pub(crate) fn for_thread(fair_after: Duration) -> Arc<Self> {
         Arc::new(Self {
             state: AtomicU8::new(WAITING),
             notify: Mutex::new(Notify::Thread(current_thread())),
+            since: Since::now(fair_after),
         })
     }
 
@@ -113,10 +144,15 @@ impl Waiter {
         // Release: pairs with the Acquire in `state()`; publishes the
         // previous holder's writes to a `GRANTED` waiter.
         self.state.store(to, Ordering::Release);
-        match std::mem::replace(&mut *self.notify.lock(), Notify::None) {
-            Notify::None => Wake::Nobody,
+        let mut notify = self.notify.lock();
+        if let Notify::Thread(t) = &*notify {
+            // A thread is registered once and for all: keep it, since a
+            // woken waiter may re-queue and need waking again.
+            return Wake::Thread(t.clone());
+        }
+        match std::mem::replace(&mut *notify, Notify::None) {
             Notify::Waker(w) => Wake::Task(w),
-            Notify::Thread(t) => Wake::Thread(t),
+            _ => Wake::Nobody,
         }
     }
 }
@@ -147,6 +183,15 @@ pub(crate) enum TryLock {
     Dead,
 }
 
+/// Where a waiter joins the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Place {
+    /// A new waiter.
+    Back,
+    /// A woken waiter that lost the race for the lock: it is the oldest.
+    Front,
+}
+
 /// Outcome of joining the queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Enqueue {
@@ -173,23 +218,49 @@ impl RawLock {
         }
     }
 
-    /// One CAS; never queues.
+    /// One CAS when the lock is free (also while others wait: barging is
+    /// allowed, see the module docs); never queues.
     #[inline]
     pub(crate) fn try_lock(&self) -> TryLock {
-        // Acquire: pairs with the Release in `unlock` (fast path or the
-        // empty-queue store), so this holder sees the previous one's writes.
-        match self
-            .state
-            .compare_exchange(0, LOCKED, Ordering::Acquire, Ordering::Relaxed)
-        {
-            Ok(_) => TryLock::Acquired,
-            Err(s) if s & DEAD != 0 => TryLock::Dead,
-            Err(_) => TryLock::Held,
+        let mut s = 0;
+        loop {
+            // Acquire: pairs with the Release in `unlock` / `unlock_slow`,
+            // so this holder sees the previous one's writes.
+            match self
+                .state
+                .compare_exchange(s, s | LOCKED, Ordering::Acquire, Ordering::Relaxed)
+            {
+                Ok(_) => return TryLock::Acquired,
+                Err(actual) if actual & DEAD != 0 => return TryLock::Dead,
+                Err(actual) if actual & LOCKED != 0 => return TryLock::Held,
+                // Free but QUEUED: take it anyway (bounded fairness).
+                Err(actual) => s = actual,
+            }
         }
     }
 
-    /// Takes the lock if it is free, else appends `waiter` to the queue.
-    pub(crate) fn enqueue(&self, waiter: &Arc<Waiter>) -> Enqueue {
+    /// [`try_lock`](Self::try_lock), then a short spin while the lock is
+    /// held (a critical section without `.await` is shorter than a park).
+    #[inline]
+    pub(crate) fn try_lock_spin(&self) -> TryLock {
+        let mut outcome = self.try_lock();
+        let mut round = 0;
+        while outcome == TryLock::Held && round < spin_rounds() {
+            for _ in 0..(4 << round) {
+                spin_hint();
+            }
+            round += 1;
+            // Relaxed: only a hint for when to CAS; `try_lock` orders.
+            if self.state.load(Ordering::Relaxed) & LOCKED == 0 {
+                outcome = self.try_lock();
+            }
+        }
+        outcome
+    }
+
+    /// Takes the lock if it is free, else queues `waiter` (at `place`). A
+    /// woken waiter is `WAITING` again afterwards.
+    pub(crate) fn enqueue(&self, waiter: &Arc<Waiter>, place: Place) -> Enqueue {
         let mut queue = self.queue.lock();
         let mut s = self.state.load(Ordering::Relaxed);
         loop {
@@ -220,7 +291,14 @@ impl RawLock {
                     Ordering::Relaxed,
                 ) {
                     Ok(_) => {
-                        queue.push_back(waiter.clone());
+                        // Relaxed: the state only changes under the queue
+                        // mutex we hold; `state()` readers that see WAITING
+                        // simply keep waiting.
+                        waiter.state.store(WAITING, Ordering::Relaxed);
+                        match place {
+                            Place::Back => queue.push_back(waiter.clone()),
+                            Place::Front => queue.push_front(waiter.clone()),
+                        }
                         return Enqueue::Queued;
                     }
                     Err(actual) => {
@@ -232,8 +310,9 @@ impl RawLock {
         }
     }
 
-    /// Releases the lock: clears it when nobody waits (one CAS), else hands
-    /// it to the oldest waiter.
+    /// Releases the lock: clears it when nobody waits (one CAS), else wakes
+    /// the oldest waiter or, once it has waited [`FAIR_AFTER`], hands the
+    /// lock to it.
     #[inline]
     pub(crate) fn unlock(&self) {
         // Release: pairs with the Acquire CAS in `try_lock` / `enqueue`.
@@ -249,8 +328,16 @@ impl RawLock {
     #[cold]
     fn unlock_slow(&self) {
         let mut queue = self.queue.lock();
-        let wake = match queue.pop_front() {
-            Some(next) => {
+        let wake = match queue.front() {
+            None => {
+                // Nobody is left (they cancelled): free the lock, keeping
+                // DEAD if set. Release: pairs with the next acquirer's
+                // Acquire CAS.
+                self.state.fetch_and(!(LOCKED | QUEUED), Ordering::Release);
+                Wake::Nobody
+            }
+            Some(head) if handoff_due(&head.since) => {
+                let next = queue.pop_front().expect("has a head");
                 if queue.is_empty() {
                     // Relaxed: QUEUED is only read by CASes that are
                     // ordered with this one by the queue mutex or by
@@ -260,12 +347,17 @@ impl RawLock {
                 // LOCKED stays set: ownership moves to `next`.
                 next.complete(GRANTED)
             }
-            None => {
-                // Nobody is left (they cancelled): free the lock, keeping
-                // DEAD if set. Release: pairs with the next acquirer's
-                // Acquire CAS.
-                self.state.fetch_and(!(LOCKED | QUEUED), Ordering::Release);
-                Wake::Nobody
+            Some(_) => {
+                let next = queue.pop_front().expect("has a head");
+                let clear = if queue.is_empty() {
+                    LOCKED | QUEUED
+                } else {
+                    LOCKED
+                };
+                // Free the lock; `next` competes for it. Release: pairs with
+                // the Acquire CAS of whoever takes it next.
+                self.state.fetch_and(!clear, Ordering::Release);
+                next.complete(WOKEN)
             }
         };
         drop(queue);
@@ -274,12 +366,12 @@ impl RawLock {
 
     /// Takes a waiter out of the queue. Returns `true` if the lock had
     /// already been handed to it: the caller owns the lock and must use or
-    /// release it.
+    /// release it. A waiter that had been woken passes the wake-up on.
     pub(crate) fn cancel(&self, waiter: &Arc<Waiter>) -> bool {
         let mut queue = self.queue.lock();
         // Acquire: as in `Waiter::state`; under the mutex the value is
         // final for this decision (all transitions happen under it).
-        match waiter.state.load(Ordering::Acquire) {
+        let wake = match waiter.state.load(Ordering::Acquire) {
             WAITING => {
                 if let Some(pos) = queue.iter().position(|w| Arc::ptr_eq(w, waiter)) {
                     queue.remove(pos);
@@ -289,11 +381,37 @@ impl RawLock {
                     self.state.fetch_and(!QUEUED, Ordering::Relaxed);
                 }
                 waiter.state.store(CANCELLED, Ordering::Relaxed);
-                false
+                Wake::Nobody
             }
-            GRANTED => true,
-            _ => false,
-        }
+            GRANTED => return true,
+            WOKEN => {
+                waiter.state.store(CANCELLED, Ordering::Relaxed);
+                // The release that woke us freed the lock and counted on us
+                // to take it. If it is still free, the next waiter must try
+                // instead, or it could sleep with nobody left to wake it.
+                // Relaxed: the lock word's QUEUED/queue pair is guarded by
+                // the mutex we hold; a LOCKED seen here means its holder's
+                // release will find the queue.
+                if self.state.load(Ordering::Relaxed) & LOCKED == 0 {
+                    match queue.pop_front() {
+                        Some(next) => {
+                            if queue.is_empty() {
+                                // Relaxed: see `unlock_slow`.
+                                self.state.fetch_and(!QUEUED, Ordering::Relaxed);
+                            }
+                            next.complete(WOKEN)
+                        }
+                        None => Wake::Nobody,
+                    }
+                } else {
+                    Wake::Nobody
+                }
+            }
+            _ => Wake::Nobody,
+        };
+        drop(queue);
+        wake.wake();
+        false
     }
 
     /// Marks the lock dead (the caller holds it) and fails every waiter.
