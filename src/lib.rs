@@ -4,7 +4,7 @@
 //! job's progress, a session's state) stored under **(context type, UUID)**.
 //! Tasks and threads update contexts exclusively through owned guards that
 //! may be held across `.await`, commit atomically and roll back on drop,
-//! while monitors read wait-free, consistent, zero-copy snapshots that never
+//! while monitors read consistent, zero-copy snapshots that never
 //! wait behind a lock holder.
 //!
 //! ```
@@ -45,15 +45,20 @@
 //!    [`ContextGuard::commit`] publishes it as one new version. Dropping the
 //!    guard (early return, `?`, panic, cancelled task) rolls back and
 //!    releases the lock, with a `tracing` warning if it had changes.
-//! 4. **Wait-free, consistent, zero-copy snapshots.** [`Snapshot`] shares
-//!    the committed version by `Arc`; reading one never touches the lock.
+//! 4. **Consistent, zero-copy snapshots that never wait.** [`Snapshot`]
+//!    shares the committed version (reference-counted, like an `Arc`);
+//!    reading one never touches the lock, so no lock holder can delay it.
 //! 5. **Versions** only increase per key and are never reused, also across
 //!    delete and re-create (compare-and-set by version is ABA-free).
 //! 6. **Fair, async-aware, cancel-safe waiting.** Waiting tasks park
-//!    (`Pending`), waiting threads park the thread; waiters are served in
-//!    arrival order; dropping a waiting future never loses a wake-up or
-//!    leaks the lock. Bounded (`get_context_timeout`) and non-waiting
-//!    (`try_get_context`) acquisition are available.
+//!    (`Pending`), waiting threads park the thread. Fairness is bounded: a
+//!    free lock can be taken by a newcomer (no convoys), but once the oldest
+//!    waiter has waited 0.5 ms (see
+//!    [`InMemoryContextStorage::with_fairness_bound`]) releases hand the lock
+//!    to the waiters in arrival order, so none starves. Dropping a waiting
+//!    future never loses a wake-up or leaks the lock. Bounded
+//!    (`get_context_timeout`) and non-waiting (`try_get_context`)
+//!    acquisition are available.
 //! 7. **Bounded memory.** Deleting a context frees its slot and its lock.
 //! 8. **Clear errors, never a panic, for bad input.** See [`ContextError`].
 //! 9. **Same semantics on every backend** (shared conformance tests).
@@ -69,11 +74,14 @@
 //!
 //! # Performance
 //!
-//! Snapshot: one table lookup and one `Arc` clone. Uncontended lock: one
-//! CAS; uncontended release: one CAS, no queue touched. Commit: a
-//! compare-and-swap of the committed version; steady-state commits allocate
-//! nothing, because the superseded version's allocation (and its buffers,
-//! through `clone_from`) is reused when no reader still holds it.
+//! Snapshot: one table lookup, two pointer loads and one reference-count
+//! increment. Uncontended lock: one CAS; uncontended release: one CAS, no
+//! queue touched. Commit: one `Release` store of a pointer (the holder is
+//! the only writer); steady-state commits allocate nothing, because the
+//! superseded version's allocation (and its buffers, through `clone_from`)
+//! is rewritten in place when no reader still holds it.
+//! `update_context` does lock, copy, change, publish and release in one
+//! step, without a guard object.
 //! See `README.md` for measurements against `dashmap`, `scc`, `papaya`.
 //!
 //! # Backends

@@ -669,3 +669,19 @@ fn a_held_guard_survives_its_context_being_read_and_its_draft_is_private() {
         assert_eq!((s.processed, s.job_name.clone()), (i, format!("run-{i}")));
     }
 }
+
+/// A guard and a snapshot are owned: both stay valid, and the guard can
+/// still commit, after the store itself is dropped (the AddressSanitizer CI
+/// step runs this too).
+#[test]
+fn a_guard_and_a_snapshot_outlive_their_store() {
+    let store = InMemoryContextStorage::new();
+    let id = Uuid::new_v4();
+    store.store_context_blocking(id, job(1)).unwrap();
+    let snap = store.snapshot::<JobContext>(id).unwrap();
+    let mut guard = store.get_context_blocking::<JobContext>(id).unwrap();
+    drop(store);
+    guard.processed += 1;
+    assert_eq!(guard.commit_blocking().unwrap(), snap.version() + 1);
+    assert_eq!(snap.processed, 1);
+}

@@ -28,19 +28,15 @@ M = {
  # C: wake before the state store in Waiter::complete
  "C_wake_before_state_store": ("src/memory/park.rs",
    """        self.state.store(to, Ordering::Release);
-        match std::mem::replace(&mut *self.notify.lock(), Notify::None) {
+        let mut notify = self.notify.lock();""",
+   """        let early = match &*self.notify.lock() {
+            Notify::Waker(w) => Wake::Task(w.clone()),
+            Notify::Thread(t) => Wake::Thread(t.clone()),
             Notify::None => Wake::Nobody,
-            Notify::Waker(w) => Wake::Task(w),
-            Notify::Thread(t) => Wake::Thread(t),
-        }""",
-   """        let wake = match std::mem::replace(&mut *self.notify.lock(), Notify::None) {
-            Notify::None => Wake::Nobody,
-            Notify::Waker(w) => Wake::Task(w),
-            Notify::Thread(t) => Wake::Thread(t),
         };
-        wake.wake();
+        early.wake();
         self.state.store(to, Ordering::Release);
-        Wake::Nobody"""),
+        let mut notify = self.notify.lock();"""),
  # D: a dropped LockSlot that was granted the lock does not pass it on
  "D_cancel_drops_granted_lock": ("src/memory/mod.rs",
    """            if slot.lock.cancel(waiter) {
@@ -123,6 +119,41 @@ M = {
  "P_recycle_relaxed": ("src/memory/version.rs",
    "refs.compare_exchange(1, DRAFT | 1, Ordering::Acquire, Ordering::Relaxed)",
    "refs.compare_exchange(1, DRAFT | 1, Ordering::Relaxed, Ordering::Relaxed)"),
+ # R: a woken waiter that is dropped does not pass the wake-up on
+ "R_woken_cancel_keeps_wakeup": ("src/memory/park.rs",
+   """                if self.state.load(Ordering::Relaxed) & LOCKED == 0 {
+                    match queue.pop_front() {""",
+   """                if false {
+                    match queue.pop_front() {"""),
+ # S: a woken waiter that lost the race re-queues at the back (waiters
+ # overtake each other)
+ "S_woken_requeues_at_back": ("src/memory/park.rs",
+   "Place::Front => queue.push_front(waiter.clone()),",
+   "Place::Front => queue.push_back(waiter.clone()),"),
+ # T: a thread waiter's registration is consumed by its first wake-up (the
+ # bug the wake policy found in the first draft)
+ "T_thread_wakeup_consumed": ("src/memory/park.rs",
+   """        if let Notify::Thread(t) = &*notify {
+            // A thread is registered once and for all: keep it, since a
+            // woken waiter may re-queue and need waking again.
+            return Wake::Thread(t.clone());
+        }""", ""),
+ # U: releases never hand over, even past the fairness bound
+ "U_never_hand_off": ("src/memory/park.rs",
+   "Some(head) if handoff_due(&head.since) => {",
+   "Some(head) if handoff_due(&head.since) && false => {"),
+ # V: a woken waiter does not re-check the lock before re-queueing: it
+ # queues behind a lock that may already be free
+ "V_woken_skips_retry": ("src/memory/mod.rs",
+   """                    match slot.lock.try_lock() {
+                        TryLock::Acquired => return this.finish(true),
+                        TryLock::Dead => return this.finish(false),
+                        TryLock::Held => {}
+                    }
+                    waiter.register(cx.waker());
+                    registered = true;""",
+   """                    waiter.register(cx.waker());
+                    registered = true;"""),
 }
 if sys.argv[1] == "list":
     print("\n".join(M)); sys.exit()

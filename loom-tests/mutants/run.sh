@@ -29,6 +29,7 @@ def keep(b):
     return any(os.path.exists(os.path.join(root, d, f)) for f in (name + ".rs", name + "/main.rs"))
 open(path, "w").write("".join(b for b in blocks if keep(b)))
 PY
+rm -rf "$work/.pristine-src"
 cp -r "$work/src" "$work/.pristine-src"
 logs="$work/logs"; mkdir -p "$logs"
 cd "$work"

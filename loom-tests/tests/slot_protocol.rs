@@ -585,3 +585,55 @@ fn snapshots_racing_recycling_commits() {
         assert_free(&slot);
     });
 }
+
+/// Bounded fairness keeps arrival order among waiters: a woken waiter that
+/// loses the free lock to a newcomer goes back to the *front* of the queue,
+/// so the next release serves it before the waiter that queued after it.
+/// With hand-off (past the bound) the newcomer is refused outright. Polled
+/// by hand on one thread, so the interleaving is the one written here; a
+/// second thread snapshots meanwhile.
+#[test]
+fn woken_waiter_keeps_its_place() {
+    check("woken_waiter_keeps_its_place", || {
+        let (slot, held) = Slot::new_locked(val(0, 0), 1);
+        let reader = {
+            let slot = slot.clone();
+            thread::spawn(move || slot.load().0)
+        };
+        let mut a = slot.lock();
+        let mut b = slot.lock();
+        assert!(poll_once(&mut a).is_pending());
+        assert!(poll_once(&mut b).is_pending());
+        drop(held);
+        let a_got = if handoff() {
+            // Handed to `a`: the newcomer is refused.
+            assert!(matches!(slot.try_lock(), Err(Refused::Held)));
+            match poll_once(&mut a) {
+                Poll::Ready(Some(got)) => got,
+                _ => panic!("the lock was handed to the oldest waiter"),
+            }
+        } else {
+            // Woken `a` competes; the newcomer takes the free lock first.
+            let newcomer = slot.try_lock().expect("a free lock can be taken");
+            assert!(poll_once(&mut a).is_pending(), "two holders");
+            drop(newcomer);
+            // `a` went back to the front: `b` is still queued behind it.
+            assert!(
+                poll_once(&mut b).is_pending(),
+                "overtaken by a later waiter"
+            );
+            match poll_once(&mut a) {
+                Poll::Ready(Some(got)) => got,
+                _ => panic!("the woken waiter lost its place"),
+            }
+        };
+        assert!(poll_once(&mut b).is_pending());
+        drop(a_got);
+        match poll_once(&mut b) {
+            Poll::Ready(Some(got)) => drop(got),
+            _ => panic!("the last waiter was not served"),
+        }
+        assert_eq!(reader.join().unwrap(), 1);
+        assert_free(&slot);
+    });
+}

@@ -2,24 +2,52 @@
 //!
 //! ```text
 //! InMemoryContextStorage
-//!   papaya::HashMap<(TypeId, Uuid), Arc<dyn Any>>   lock-free table
+//!   papaya::HashMap<(TypeId, Uuid), Arc<dyn Any>>   lock-free table, seize collector (shared)
 //!     └─ Arc<Slot<T>>
-//!          current: ArcSwap<Versioned<T>>   committed version (readers)
+//!          current: AtomicPtr<Inner<T>>     committed version (readers)
 //!          lock:    AtomicU64               LOCKED | QUEUED | DEAD
-//!                   Mutex<VecDeque<Waiter>> FIFO queue, used only under contention
-//!          spare:   Option<Arc<Versioned<T>>>  recycled allocation (lock holder only)
+//!                   Mutex<VecDeque<Waiter>> wait queue, used only under contention
+//!          held:    spare, limbo            lock holder only
+//!   Inner<T>: refs (count | DRAFT) · version · value     one allocation per version
 //! ```
 //!
-//! * **Snapshot** = table lookup + `ArcSwap::load_full`. No lock is touched,
-//!   so a snapshot costs the same whether a writer holds the lock for 1 ns or
-//!   10 s.
-//! * **Lock** = one CAS `0 -> LOCKED`. On contention the acquirer appends a
-//!   waiter (a task `Waker` or a `Thread`) under the queue mutex, setting
-//!   `QUEUED`; the holder's release then hands the lock to the head waiter
-//!   directly (strict FIFO, no barging, no starvation).
-//! * **Commit** = compare-and-swap of `current` from the version the guard
-//!   read to the new version. The guard's draft was made lazily, at the
-//!   first `DerefMut`, by `clone_from` into `spare` when available.
+//! * **Snapshot** = table lookup (a papaya pin) + load `current` + one
+//!   `fetch_add` on the version's count + a second load of `current` that
+//!   validates it. No lock is touched, so a snapshot costs the same whether a
+//!   writer holds the lock for 1 ns or 10 s. The increment returns the
+//!   version's `DRAFT` bit atomically with it: a reader never takes a
+//!   reference to an allocation that is being rewritten. The second load
+//!   catches an allocation that was recycled and republished at the same
+//!   address between the first load and the increment; then the reader
+//!   retries with the newer pointer (so a snapshot is lock-free: it retries
+//!   only when a commit lands inside its own few-instruction window).
+//! * **Lock** = one CAS setting `LOCKED` (also while others wait: a free lock
+//!   can be taken by anybody). After a short spin, a waiter (a task `Waker`
+//!   or a `Thread`) queues under the queue mutex, setting `QUEUED`. A release
+//!   that finds waiters frees the lock and wakes the oldest to compete for it;
+//!   once the oldest has waited the store's fairness bound (0.5 ms by
+//!   default), releases hand the lock to it directly instead. A woken waiter
+//!   that loses re-queues at the front with its arrival time, so it reaches
+//!   the bound; no waiter starves.
+//! * **Commit** = write the version number into the draft, clear its `DRAFT`
+//!   bit (`Release`), store the pointer into `current` (`Release`). The lock
+//!   holder is the only writer, so there is no compare-and-swap and no
+//!   bookkeeping for readers. The superseded version becomes the spare.
+//! * **Draft** (first `DerefMut`, or `update_context`) = a CAS `1 ->
+//!   DRAFT|1` on the spare's count: when it succeeds nobody holds the spare,
+//!   and it is rewritten in place by `clone_from` (reusing the value's own
+//!   buffers when `Clone` forwards `clone_from` field by field). When a
+//!   snapshot still holds the spare, the slot moves it to the limbo list and
+//!   allocates a fresh draft.
+//! * **Limbo** = superseded versions whose slot reference must outlive every
+//!   reader that may still be between loading the pointer and incrementing
+//!   the count. The next acquisition through the store hands them to the
+//!   table's `seize` collector, which drops them after the grace period of
+//!   the lookups that pinned it. A slot's own drop happens after papaya's
+//!   grace period, so it releases its versions directly.
+//! * **`update_context`** = lookup, CAS, draft, run the closure, publish,
+//!   release, all inside one table pin: no `Arc` of the slot and no guard
+//!   object. A busy lock falls back to the waiting path.
 //! * **Delete** = lock, raise the store's version floor to the context's
 //!   version, unlink from the table, mark the lock `DEAD` and wake every
 //!   waiter; they re-resolve the key (`NotFound`, or the re-created context).
@@ -29,15 +57,15 @@
 //! ## Deferred reclamation
 //!
 //! A deleted slot is freed once papaya's collector reclaims the table entry
-//! and the last guard or snapshot of it is dropped; a value's `Drop` can run
-//! some time after `delete_context` returns (papaya#31). The spare
-//! allocation keeps one superseded value alive per slot until the next
-//! commit reuses it: a context costs up to two values of memory.
+//! and the last guard of it is dropped; a value's `Drop` can run some time
+//! after `delete_context` returns (papaya#31). A context costs up to two
+//! values of memory (committed + spare), plus the versions snapshots hold.
 //!
 //! ## Why `VecDeque` under a `Mutex` for the queue
 //!
 //! It allocates only when the first waiter arrives, costs one uncontended
-//! mutex operation per enqueue and per hand-off, and makes every waiter
+//! mutex operation per enqueue and per wake-up, and makes every waiter
 //! state change happen under one lock, which is what makes cancellation
-//! exact (a dropped waiter knows whether it was granted the lock). The
-//! loom models in `loom-tests/` check the protocol.
+//! exact (a dropped waiter knows whether it was granted the lock or woken,
+//! and passes either on). The loom models in `loom-tests/` check the
+//! protocol under both release policies.

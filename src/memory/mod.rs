@@ -31,7 +31,7 @@ use crate::util::Finally;
 use crate::Result;
 
 /// The in-process context store: lock-free table, async-aware per-context
-/// locks, wait-free snapshots.
+/// locks, snapshots that never wait.
 ///
 /// Use it directly (its inherent methods are monomorphized: no boxing on the
 /// hot path) or through `Arc<dyn ContextStorage>`. It is `Send + Sync`;
@@ -54,7 +54,7 @@ use crate::Result;
 /// p.done += 1;
 /// let v = p.commit().await?;
 ///
-/// let snap = store.snapshot::<Progress>(id)?; // wait-free, no clone
+/// let snap = store.snapshot::<Progress>(id)?; // never waits, no clone
 /// assert_eq!((snap.done, snap.version()), (1, v));
 /// # Ok(()) }
 /// ```
@@ -140,7 +140,7 @@ impl InMemoryContextStorage {
 
     // ---------------------------------------------------------------- reads
 
-    /// A snapshot of the committed value: wait-free, never blocked by a lock
+    /// A snapshot of the committed value: never blocked by a lock
     /// holder, no clone of the value (it shares the committed version).
     #[inline]
     pub fn snapshot<T: Context>(&self, id: Uuid) -> Result<Snapshot<T>> {
@@ -202,8 +202,11 @@ impl InMemoryContextStorage {
         }
     }
 
-    /// Locks the context for exclusive mutation; parks the task (never spins)
-    /// while another holder has it. Waiters are served in arrival order.
+    /// Locks the context for exclusive mutation; after a short spin, parks
+    /// the task while another holder has it. Waiters are served in arrival
+    /// order among themselves; a newcomer may take a free lock until the
+    /// oldest waiter has waited the fairness bound
+    /// ([`with_fairness_bound`](Self::with_fairness_bound)).
     ///
     /// # Cancel safety
     /// Dropping the future at any point neither leaks the lock nor loses a

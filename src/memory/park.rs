@@ -205,7 +205,8 @@ pub(crate) enum Enqueue {
 /// The lock word plus its wait queue.
 pub(crate) struct RawLock {
     state: AtomicU64,
-    // Invariant: holds only `WAITING` waiters, in arrival order; non-empty
+    // Invariant: holds only `WAITING` waiters, in arrival order (a woken
+    // waiter that re-queues goes back to the front); non-empty
     // exactly when `QUEUED` is set (both changed under this mutex).
     queue: Mutex<VecDeque<Arc<Waiter>>>,
 }

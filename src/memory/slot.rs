@@ -10,7 +10,7 @@ use crate::util::Finally;
 /// A versioned slot.
 ///
 /// * `current`: the committed version ([`version`] explains the counting).
-///   Readers load it and take a reference wait-free; only the lock holder
+///   Readers load it and take a reference without waiting; only the lock holder
 ///   replaces it, with one `Release` store (the holder is the only writer,
 ///   so no compare-and-swap and no reader bookkeeping is needed).
 /// * `lock`: the lock word and its parking queue ([`RawLock`]).
