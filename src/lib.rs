@@ -287,7 +287,12 @@ pub mod __loom {
 
         /// The guard path (`get_context`): a `MemGuard` owning this lock.
         pub fn guard(self) -> Guard<T> {
-            Guard(MemGuard::new(self.take(), Uuid::nil()))
+            let slot = self.take();
+            // SAFETY: we held the lock and hand it over; the `Arc` kept
+            // beside the guard (dropped after it) keeps the slot alive, as
+            // the table does in the engine.
+            let guard = unsafe { MemGuard::new(&slot, Uuid::nil()) };
+            Guard(guard, slot)
         }
 
         /// The `store_context` path on an existing slot (the engine's own
@@ -318,7 +323,7 @@ pub mod __loom {
 
     /// The engine's guard (`MemGuard`): draft on first write, commit by
     /// version compare-and-swap, roll back and unlock on drop.
-    pub struct Guard<T: Context>(MemGuard<T>);
+    pub struct Guard<T: Context>(MemGuard<T>, StdArc<RawSlot<T>>);
 
     impl<T: Context> Guard<T> {
         /// The version the guard started from.

@@ -1,6 +1,7 @@
 //! The engine's unboxed guard. `crate::guard::ContextGuard` wraps it.
 
 use std::ops::{Deref, DerefMut};
+use std::ptr::NonNull;
 use std::sync::Arc as StdArc;
 
 use uuid::Uuid;
@@ -13,8 +14,13 @@ use crate::Result;
 /// Holds a slot's lock. Reads go to the committed version (borrowed: the
 /// holder is the only one who could replace it) until the first mutable
 /// access makes a draft.
+///
+/// It holds no reference count on the slot: a slot cannot be unlinked while
+/// its lock is held (delete locks first), so the table's reference keeps it
+/// alive; if the store itself is dropped, its destructor leaves one
+/// reference for this guard's release to drop (`RawLock::orphan`).
 pub(crate) struct MemGuard<T: Context> {
-    slot: StdArc<Slot<T>>,
+    slot: NonNull<Slot<T>>,
     base: Base<T>,
     draft: Option<Draft<T>>,
     id: Uuid,
@@ -22,18 +28,50 @@ pub(crate) struct MemGuard<T: Context> {
     locked: bool,
 }
 
+// SAFETY: the guard owns the slot's lock (mutual exclusion) and only reaches
+// the slot through `&Slot`, which is `Sync`; `T: Send + Sync`.
+unsafe impl<T: Context> Send for MemGuard<T> {}
+// SAFETY: `&MemGuard` only gives `&T`.
+unsafe impl<T: Context> Sync for MemGuard<T> {}
+
 impl<T: Context> MemGuard<T> {
     /// Wraps a slot whose lock the caller has just acquired.
+    ///
+    /// # Safety
+    /// The caller holds `slot.lock` and hands it to the guard, and `slot` is
+    /// linked in a store's table (true of every slot that could be locked:
+    /// a deleted slot's lock is dead) or otherwise kept alive until the
+    /// guard is dropped.
     #[inline]
-    pub(crate) fn new(slot: StdArc<Slot<T>>, id: Uuid) -> Self {
+    pub(crate) unsafe fn new(slot: &Slot<T>, id: Uuid) -> Self {
         // SAFETY: the caller has just acquired the lock, which we now own.
         let base = unsafe { slot.base() };
         Self {
-            slot,
+            slot: NonNull::from(slot),
             base,
             draft: None,
             id,
             locked: true,
+        }
+    }
+
+    #[inline]
+    fn slot(&self) -> &Slot<T> {
+        // SAFETY: alive while we hold its lock (see the type's docs); we
+        // stop using it once we have released the lock.
+        unsafe { self.slot.as_ref() }
+    }
+
+    /// Releases the lock (the guard's last use of the slot).
+    #[inline]
+    fn release(&mut self) {
+        self.locked = false;
+        if self.slot().lock.unlock_owned() {
+            // The store was dropped: drop the reference it left us.
+            // SAFETY: the table held this slot as an `Arc<Slot<T>>` (coerced
+            // to `Arc<dyn SlotEntry>`, same allocation and pointer), and the
+            // store's destructor leaked one count of it for us.
+            unsafe { StdArc::decrement_strong_count(self.slot.as_ptr()) };
         }
     }
 
@@ -56,19 +94,18 @@ impl<T: Context> MemGuard<T> {
         let draft = match self.draft.take() {
             Some(draft) => draft,
             // SAFETY: `locked`: we hold the slot's lock; `base` is current.
-            None => unsafe { self.slot.draft_from(self.base) },
+            None => unsafe { self.slot().draft_from(self.base) },
         };
         // SAFETY: `locked`: we hold the slot's lock.
-        let version = unsafe { self.slot.publish(draft) };
-        self.locked = false;
-        self.slot.lock.unlock();
+        let version = unsafe { self.slot().publish(draft) };
+        self.release();
         Ok(version)
     }
 
     pub(crate) fn rollback(mut self) {
         if let Some(draft) = self.draft.take() {
             // SAFETY: `locked`: we hold the slot's lock.
-            unsafe { self.slot.discard(draft) };
+            unsafe { self.slot().discard(draft) };
         }
     }
 }
@@ -90,7 +127,7 @@ impl<T: Context> DerefMut for MemGuard<T> {
     fn deref_mut(&mut self) -> &mut T {
         if self.draft.is_none() {
             // SAFETY: `locked`: we hold the slot's lock; `base` is current.
-            self.draft = Some(unsafe { self.slot.draft_from(self.base) });
+            self.draft = Some(unsafe { self.slot().draft_from(self.base) });
         }
         self.draft.as_mut().expect("just made").get_mut()
     }
@@ -104,10 +141,9 @@ impl<T: Context> Drop for MemGuard<T> {
         if let Some(draft) = self.draft.take() {
             warn_uncommitted(std::any::type_name::<T>(), self.id);
             // SAFETY: `locked`: we hold the slot's lock.
-            unsafe { self.slot.discard(draft) };
+            unsafe { self.slot().discard(draft) };
         }
-        self.locked = false;
-        self.slot.lock.unlock();
+        self.release();
     }
 }
 

@@ -76,6 +76,23 @@ pub struct InMemoryContextStorage {
 /// Number of create/delete stripes.
 const STRIPES: usize = 64;
 
+impl Drop for InMemoryContextStorage {
+    fn drop(&mut self) {
+        // A guard holds no reference to its slot: the table's keeps it
+        // alive. For each slot a guard still holds, leave one reference for
+        // that guard's release to drop (`RawLock::orphan`); every other slot
+        // goes with the table.
+        self.table.for_each_entry(|entry| {
+            // Taken before marking the lock, so the holder can never drop
+            // it first.
+            let keep = entry.clone();
+            if entry.raw_lock().orphan() {
+                std::mem::forget(keep);
+            }
+        });
+    }
+}
+
 impl Default for InMemoryContextStorage {
     fn default() -> Self {
         Self::new()
@@ -188,17 +205,21 @@ impl InMemoryContextStorage {
     pub async fn store_context<T: Context>(&self, id: Uuid, value: T) -> Result<u64> {
         let mut value = value;
         loop {
-            match self.table.get::<T>(id) {
-                Some(slot) => {
-                    if let Some(slot) = LockSlot::new(slot, self.fair_after).await {
-                        return Ok(self.replace_locked(&slot, value));
-                    }
+            let busy = match self.store_now(id, value) {
+                Stored::Done(version) => return Ok(version),
+                Stored::Busy(back) => back,
+                Stored::Raced(back) => {
+                    value = back;
+                    continue;
                 }
-                None => match self.insert_new(id, value) {
-                    Ok(version) => return Ok(version),
-                    Err(back) => value = back,
-                },
+            };
+            // (If it was deleted meanwhile, the next round creates it.)
+            if let Some(slot) = self.table.get::<T>(id) {
+                if let Some(slot) = LockSlot::new(slot, self.fair_after).await {
+                    return Ok(self.replace_locked(&slot, busy));
+                }
             }
+            value = busy;
         }
     }
 
@@ -270,6 +291,9 @@ impl InMemoryContextStorage {
     /// Dropping the future before it completes deletes nothing.
     pub async fn delete_context<T: Context>(&self, id: Uuid) -> Result<()> {
         loop {
+            if let Some(done) = self.delete_now::<T>(id) {
+                return done;
+            }
             let slot = self.table.get::<T>(id).ok_or_else(|| not_found::<T>(id))?;
             if let Some(slot) = LockSlot::new(slot, self.fair_after).await {
                 self.unlink_locked(id, &slot);
@@ -308,17 +332,20 @@ impl InMemoryContextStorage {
     pub fn store_context_blocking<T: Context>(&self, id: Uuid, value: T) -> Result<u64> {
         let mut value = value;
         loop {
-            match self.table.get::<T>(id) {
-                Some(slot) => {
-                    if lock_slot_blocking(&slot, None, self.fair_after) == Blocking::Locked {
-                        return Ok(self.replace_locked(&slot, value));
-                    }
+            let busy = match self.store_now(id, value) {
+                Stored::Done(version) => return Ok(version),
+                Stored::Busy(back) => back,
+                Stored::Raced(back) => {
+                    value = back;
+                    continue;
                 }
-                None => match self.insert_new(id, value) {
-                    Ok(version) => return Ok(version),
-                    Err(back) => value = back,
-                },
+            };
+            if let Some(slot) = self.table.get::<T>(id) {
+                if lock_slot_blocking(&slot, None, self.fair_after) == Blocking::Locked {
+                    return Ok(self.replace_locked(&slot, busy));
+                }
             }
+            value = busy;
         }
     }
 
@@ -344,6 +371,9 @@ impl InMemoryContextStorage {
     /// [`delete_context`](Self::delete_context) for plain threads.
     pub fn delete_context_blocking<T: Context>(&self, id: Uuid) -> Result<()> {
         loop {
+            if let Some(done) = self.delete_now::<T>(id) {
+                return done;
+            }
             let slot = self.table.get::<T>(id).ok_or_else(|| not_found::<T>(id))?;
             if lock_slot_blocking(&slot, None, self.fair_after) == Blocking::Locked {
                 self.unlink_locked(id, &slot);
@@ -357,11 +387,29 @@ impl InMemoryContextStorage {
     /// Called right after every acquisition through the store: hands the
     /// versions the previous holders could not recycle to the collector.
     #[inline]
-    fn acquired<T: Context>(&self, slot: StdArc<Slot<T>>, id: Uuid) -> MemGuard<T> {
-        // SAFETY: we have just acquired the lock; the table's collector is
-        // the one every reader pins.
-        unsafe { slot.drain_limbo(self.table.collector()) };
-        MemGuard::new(slot, id)
+    fn acquired<T: Context>(&self, slot: &Slot<T>, id: Uuid) -> MemGuard<T> {
+        // SAFETY: we have just acquired the lock (so the slot is linked in
+        // our table, which keeps it alive for the guard); the table's
+        // collector is the one every reader pins.
+        unsafe {
+            slot.drain_limbo(self.table.collector());
+            MemGuard::new(slot, id)
+        }
+    }
+
+    /// The uncontended acquisition: lookup and one CAS inside one table
+    /// pin, no reference count touched. `None` if the lock is busy or the
+    /// slot died (the caller takes the waiting path).
+    #[inline]
+    fn lock_fast<T: Context>(&self, id: Uuid) -> Option<Result<MemGuard<T>>> {
+        let found = self.table.with::<T, _>(id, |slot| {
+            (slot.lock.try_lock() == TryLock::Acquired).then(|| self.acquired(slot, id))
+        });
+        match found {
+            None => Some(Err(not_found::<T>(id))),
+            Some(Some(guard)) => Some(Ok(guard)),
+            Some(None) => None,
+        }
     }
 
     /// The uncontended `update_context`: inside one table pin, lock with one
@@ -390,6 +438,40 @@ impl InMemoryContextStorage {
             None => Some(Err(not_found::<T>(id))),
             Some(None) => None,
             Some(Some(out)) => Some(Ok(out)),
+        }
+    }
+
+    /// The uncontended `store_context`: inside one table pin, lock with one
+    /// CAS and publish (no `Arc` of the slot), or create the context.
+    #[inline]
+    fn store_now<T: Context>(&self, id: Uuid, value: T) -> Stored<T> {
+        let mut value = Some(value);
+        let found = self.table.with::<T, _>(id, |slot| {
+            (slot.lock.try_lock() == TryLock::Acquired)
+                .then(|| self.replace_locked(slot, value.take().expect("stored once")))
+        });
+        match (found, value) {
+            (Some(Some(version)), _) => Stored::Done(version),
+            (Some(None), Some(back)) => Stored::Busy(back),
+            (None, Some(value)) => match self.insert_new(id, value) {
+                Ok(version) => Stored::Done(version),
+                Err(back) => Stored::Raced(back),
+            },
+            (_, None) => unreachable!("the value is taken only when stored"),
+        }
+    }
+
+    /// The uncontended `delete_context`: lookup, one CAS and the unlink
+    /// inside one table pin. `None` if the lock is busy or the slot died.
+    #[inline]
+    fn delete_now<T: Context>(&self, id: Uuid) -> Option<Result<()>> {
+        let found = self.table.with::<T, _>(id, |slot| {
+            (slot.lock.try_lock() == TryLock::Acquired).then(|| self.unlink_locked(id, slot))
+        });
+        match found {
+            None => Some(Err(not_found::<T>(id))),
+            Some(Some(())) => Some(Ok(())),
+            Some(None) => None,
         }
     }
 
@@ -432,7 +514,7 @@ impl InMemoryContextStorage {
         }
     }
 
-    fn unlink_locked<T: Context>(&self, id: Uuid, slot: &StdArc<Slot<T>>) {
+    fn unlink_locked<T: Context>(&self, id: Uuid, slot: &Slot<T>) {
         // Never waited on while holding a slot lock by a creator (creators
         // take only the stripe), so holding both here cannot deadlock.
         let _stripe = self.stripe(id);
@@ -450,20 +532,28 @@ impl InMemoryContextStorage {
 
     pub(crate) fn try_lock_now<T: Context>(&self, id: Uuid) -> Result<MemGuard<T>> {
         loop {
-            let slot = self.table.get::<T>(id).ok_or_else(|| not_found::<T>(id))?;
-            match slot.lock.try_lock() {
-                TryLock::Acquired => return Ok(self.acquired(slot, id)),
-                TryLock::Held => return Err(ContextType::of::<T>().would_block(id)),
-                TryLock::Dead => continue,
+            let attempt = self.table.with::<T, _>(id, |slot| match slot.lock.try_lock() {
+                TryLock::Acquired => Some(Ok(self.acquired(slot, id))),
+                TryLock::Held => Some(Err(ContextType::of::<T>().would_block(id))),
+                // Deleted under us: re-resolve the key.
+                TryLock::Dead => None,
+            });
+            match attempt {
+                None => return Err(not_found::<T>(id)),
+                Some(Some(done)) => return done,
+                Some(None) => continue,
             }
         }
     }
 
     pub(crate) async fn lock_wait<T: Context>(&self, id: Uuid) -> Result<MemGuard<T>> {
+        if let Some(done) = self.lock_fast(id) {
+            return done;
+        }
         loop {
             let slot = self.table.get::<T>(id).ok_or_else(|| not_found::<T>(id))?;
             if let Some(slot) = LockSlot::new(slot, self.fair_after).await {
-                return Ok(self.acquired(slot, id));
+                return Ok(self.acquired(&slot, id));
             }
         }
     }
@@ -500,7 +590,7 @@ impl InMemoryContextStorage {
         loop {
             let slot = self.table.get::<T>(id).ok_or_else(|| not_found::<T>(id))?;
             match lock_slot_blocking(&slot, deadline.map(|d| d.0), self.fair_after) {
-                Blocking::Locked => return Ok(self.acquired(slot, id)),
+                Blocking::Locked => return Ok(self.acquired(&slot, id)),
                 Blocking::Dead => continue,
                 Blocking::TimedOut => {
                     return Err(ContextType::of::<T>()
@@ -509,6 +599,15 @@ impl InMemoryContextStorage {
             }
         }
     }
+}
+
+/// What the uncontended `store_context` step did.
+enum Stored<T> {
+    Done(u64),
+    /// The key is locked (or its slot died): wait, then store this.
+    Busy(T),
+    /// A concurrent create won the insert: try again.
+    Raced(T),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

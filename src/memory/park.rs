@@ -66,6 +66,9 @@ use crate::sync::{
 pub(crate) const LOCKED: u64 = 1;
 pub(crate) const QUEUED: u64 = 2;
 pub(crate) const DEAD: u64 = 4;
+/// The store was dropped while this lock was held: the holder's release
+/// must drop the reference the store left for it (see `RawLock::orphan`).
+pub(crate) const ORPHAN: u64 = 8;
 
 /// A waiter's state. Transitions out of `WAITING` happen exactly once, under
 /// the queue mutex.
@@ -313,21 +316,63 @@ impl RawLock {
 
     /// Releases the lock: clears it when nobody waits (one CAS), else wakes
     /// the oldest waiter or, once it has waited [`FAIR_AFTER`], hands the
-    /// lock to it.
+    /// lock to it. For holders that borrow the store (so it cannot have been
+    /// dropped); a guard uses [`unlock_owned`](Self::unlock_owned).
     #[inline]
     pub(crate) fn unlock(&self) {
+        let orphaned = self.unlock_owned();
+        debug_assert!(!orphaned, "only a guard can outlive its store");
+    }
+
+    /// [`unlock`](Self::unlock) for a guard, which may outlive its store.
+    /// Returns `true` if the store was dropped meanwhile: the caller must
+    /// then drop the reference to the slot that the store left for it.
+    #[inline]
+    #[must_use]
+    pub(crate) fn unlock_owned(&self) -> bool {
         // Release: pairs with the Acquire CAS in `try_lock` / `enqueue`.
-        if self
+        match self
             .state
             .compare_exchange(LOCKED, 0, Ordering::Release, Ordering::Relaxed)
-            .is_err()
         {
-            self.unlock_slow();
+            Ok(_) => false,
+            Err(_) => self.unlock_slow(),
+        }
+    }
+
+    /// The store is being dropped: if somebody (necessarily a guard, since
+    /// every other holder borrows the store) holds the lock, marks it
+    /// `ORPHAN` and returns `true`; the caller then leaves one reference to
+    /// the slot for that holder's release to drop. `false`: nobody holds it.
+    pub(crate) fn orphan(&self) -> bool {
+        // Relaxed: the CAS below re-reads the word.
+        let mut s = self.state.load(Ordering::Relaxed);
+        loop {
+            if s & LOCKED == 0 {
+                return false;
+            }
+            // Release: pairs with the Acquire load in `unlock_slow`, so the
+            // reference the caller took before this is counted before the
+            // holder drops it.
+            match self
+                .state
+                .compare_exchange(s, s | ORPHAN, Ordering::Release, Ordering::Relaxed)
+            {
+                Ok(_) => return true,
+                Err(actual) => s = actual,
+            }
         }
     }
 
     #[cold]
-    fn unlock_slow(&self) {
+    fn unlock_slow(&self) -> bool {
+        // Acquire: pairs with the Release CAS in `orphan`.
+        if self.state.load(Ordering::Acquire) & ORPHAN != 0 {
+            // The store is gone, and with it every way to wait for this
+            // lock: nobody else will touch it. Relaxed: no one reads it.
+            self.state.store(LOCKED | DEAD | ORPHAN, Ordering::Relaxed);
+            return true;
+        }
         let mut queue = self.queue.lock();
         let wake = match queue.front() {
             None => {
@@ -363,6 +408,7 @@ impl RawLock {
         };
         drop(queue);
         wake.wake();
+        false
     }
 
     /// Takes a waiter out of the queue. Returns `true` if the lock had

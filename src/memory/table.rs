@@ -1,18 +1,46 @@
-//! The lock-free map `(TypeId, Uuid) -> Arc<Slot<T>>`.
+//! The lock-free map `(TypeId, Uuid) -> Arc<Slot<T>>` (type-erased).
 
 use std::any::{Any, TypeId};
 use std::sync::Arc;
 
 use uuid::Uuid;
 
+use crate::memory::park::RawLock;
 use crate::memory::slot::Slot;
 
 type Key = (TypeId, Uuid);
-type Entry = Arc<dyn Any + Send + Sync>;
+type Entry = Arc<dyn SlotEntry>;
+
+/// A type-erased slot: what the table stores.
+pub(crate) trait SlotEntry: Any + Send + Sync {
+    /// The slot's lock (for the store's destructor, which knows no `T`).
+    fn raw_lock(&self) -> &RawLock;
+    fn as_any(&self) -> &dyn Any;
+    fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
+}
+
+impl<T: Send + Sync + 'static> SlotEntry for Slot<T> {
+    fn raw_lock(&self) -> &RawLock {
+        &self.lock
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {
+        self
+    }
+}
 
 /// A `papaya::HashMap` of type-erased slots. A key's `TypeId` always matches
 /// the slot's `T`, so the downcasts below cannot fail; they are checked
 /// anyway (no `unsafe` here).
+///
+/// The table's `Arc` is what keeps a slot alive while its lock is held (a
+/// guard holds no reference of its own): only a holder of the lock unlinks
+/// a slot, and the store's destructor hands its reference to a live holder
+/// (see `InMemoryContextStorage`'s `Drop`).
 pub(crate) struct Table {
     map: papaya::HashMap<Key, Entry, foldhash::fast::RandomState>,
     // The map's reclamation collector, shared so that slots can retire the
@@ -50,7 +78,7 @@ impl Table {
     ) -> Option<R> {
         let map = self.map.pin();
         let entry = map.get(&(TypeId::of::<T>(), id))?;
-        entry.downcast_ref::<Slot<T>>().map(f)
+        entry.as_any().downcast_ref::<Slot<T>>().map(f)
     }
 
     /// An owned handle to the slot.
@@ -58,7 +86,7 @@ impl Table {
     pub(crate) fn get<T: 'static + Send + Sync>(&self, id: Uuid) -> Option<Arc<Slot<T>>> {
         let map = self.map.pin();
         let entry = map.get(&(TypeId::of::<T>(), id))?;
-        entry.clone().downcast::<Slot<T>>().ok()
+        entry.clone().into_any().downcast::<Slot<T>>().ok()
     }
 
     /// Inserts `slot` if the key is free; gives it back otherwise.
@@ -73,18 +101,26 @@ impl Table {
             Ok(_) => Ok(()),
             Err(e) => Err(e
                 .not_inserted
+                .into_any()
                 .downcast::<Slot<T>>()
                 .expect("entry of the key's type")),
         }
     }
 
     /// Unlinks `slot` if it is still the one stored under the key.
-    pub(crate) fn remove<T: 'static + Send + Sync>(&self, id: Uuid, slot: &Arc<Slot<T>>) {
+    pub(crate) fn remove<T: 'static + Send + Sync>(&self, id: Uuid, slot: &Slot<T>) {
         let map = self.map.pin();
-        let target = Arc::as_ptr(slot) as *const ();
+        let target = slot as *const Slot<T> as *const ();
         let _ = map.remove_if(&(TypeId::of::<T>(), id), |_, entry| {
             Arc::as_ptr(entry) as *const () == target
         });
+    }
+
+    /// Runs `f` on every slot's lock (the store's destructor).
+    pub(crate) fn for_each_entry(&self, mut f: impl FnMut(&Entry)) {
+        for entry in self.map.pin().values() {
+            f(entry);
+        }
     }
 
     pub(crate) fn contains<T: 'static>(&self, id: Uuid) -> bool {
