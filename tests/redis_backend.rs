@@ -688,3 +688,262 @@ async fn the_wake_up_subscription_comes_back_after_an_outage() {
         1
     );
 }
+
+// ---------------------------------------------------------------------------
+// Issue #15: leaked leases and poisoned state.
+
+async fn lock_exists(conn: &mut redis::aio::MultiplexedConnection, data_key: &str) -> bool {
+    redis::cmd("EXISTS")
+        .arg(format!("{data_key}:lock"))
+        .query_async(conn)
+        .await
+        .unwrap()
+}
+
+/// Waits (bounded) for the lease key of `data_key` to be gone; the tests
+/// use a 360 s lease, so a leaked lease is still there when this gives up.
+async fn assert_lease_released(what: &str, data_key: &str) {
+    let mut conn = raw().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while lock_exists(&mut conn, data_key).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: the lease of {data_key} leaked"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn hset(key: &str, field: &str, value: &str) {
+    let mut conn = raw().await;
+    let _: () = redis::cmd("HSET")
+        .arg(key)
+        .arg(field)
+        .arg(value)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn issue15_a_lock_attempt_on_a_corrupt_version_leaks_no_lease() {
+    let ns = namespace();
+    let a = store_in(&ns).await;
+    let id = Uuid::new_v4();
+    a.store_context(id, job(1)).await.unwrap();
+    let key = a.data_key(ContextType::of::<Job>(), id);
+    for corrupt in ["not-a-number", "1.5", "-3", "1e3", ""] {
+        hset(&key, "version", corrupt).await;
+        let e = a.get_context::<Job>(id).await.unwrap_err();
+        assert!(e.is_codec(), "{corrupt:?}: {e}");
+        assert_eq!(e.id(), Some(id));
+        assert_lease_released("lock on a corrupt version", &key).await;
+        let e = a.try_get_context::<Job>(id).await.unwrap_err();
+        assert!(e.is_codec(), "{corrupt:?}: {e}");
+        assert_lease_released("try_lock on a corrupt version", &key).await;
+    }
+}
+
+/// A private `redis-server` on a free loopback port, for tests that block
+/// or reconfigure the whole server; killed on drop.
+struct PrivateRedis {
+    child: std::process::Child,
+    url: String,
+    _dir: TempDir,
+}
+
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl PrivateRedis {
+    async fn start(extra: &[&str]) -> PrivateRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!("ctxstore-redis-{}", Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let exe = std::env::var("CTXSTORE_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+        let child = std::process::Command::new(exe)
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(&dir)
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed for this test (or set CTXSTORE_REDIS_SERVER)");
+        let server = PrivateRedis {
+            child,
+            url: format!("redis://127.0.0.1:{port}"),
+            _dir: TempDir(dir),
+        };
+        let client = redis::Client::open(server.url.as_str()).unwrap();
+        guard("private redis-server start", 30, async {
+            loop {
+                if let Ok(mut c) = client.get_multiplexed_async_connection().await {
+                    if redis::cmd("PING")
+                        .query_async::<String>(&mut c)
+                        .await
+                        .is_ok()
+                    {
+                        break;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        server
+    }
+
+    async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection_with_config(
+                &redis::AsyncConnectionConfig::new().set_response_timeout(None),
+            )
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn issue15_a_lock_reply_that_times_out_leaks_no_lease() {
+    // Blocks its server for a second: a private one, not the shared one.
+    let server = PrivateRedis::start(&[]).await;
+    let a = RedisContextStorage::builder(&server.url)
+        .namespace(namespace())
+        .lease(Duration::from_secs(360))
+        .renewal_interval(Duration::from_secs(120))
+        .response_timeout(Some(Duration::from_millis(100)))
+        .connect()
+        .await
+        .unwrap();
+    let id = Uuid::new_v4();
+    a.store_context(id, job(1)).await.unwrap();
+    let key = a.data_key(ContextType::of::<Job>(), id);
+    // Load the lock script (so that it runs, not fails NOSCRIPT, below).
+    a.get_context::<Job>(id).await.unwrap().rollback();
+    let mut conn = server.conn().await;
+    // Keep Redis busy for a second with a script: our lock script queues
+    // behind it, its reply times out, and then it runs all the same.
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let busy = tokio::spawn({
+        let mut conn = conn.clone();
+        async move {
+            let spin = redis::Script::new(
+                "local s = redis.call('TIME') local t0 = s[1] * 1000000 + s[2] \
+                 while true do local t = redis.call('TIME') \
+                 if t[1] * 1000000 + t[2] - t0 > 1000000 then return 1 end end",
+            );
+            // Load it first, so that the timed call below is one EVALSHA.
+            let _: String = spin.prepare_invoke().load_async(&mut conn).await.unwrap();
+            let _ = started_tx.send(());
+            let _: i64 = spin.invoke_async(&mut conn).await.unwrap();
+        }
+    });
+    started_rx.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let e = a.get_context::<Job>(id).await.unwrap_err();
+    assert!(e.is_backend(), "{e}");
+    busy.await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while redis::cmd("EXISTS")
+        .arg(format!("{key}:lock"))
+        .query_async::<bool>(&mut conn)
+        .await
+        .unwrap()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the lease of {key} leaked"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // And the key is usable at once.
+    a.try_get_context::<Job>(id).await.unwrap().rollback();
+}
+
+#[tokio::test]
+async fn issue15_a_lock_future_dropped_after_the_reply_arrived_leaks_no_lease() {
+    let ns = namespace();
+    let a = store_in(&ns).await;
+    let id = Uuid::new_v4();
+    a.store_context(id, job(1)).await.unwrap();
+    let key = a.data_key(ContextType::of::<Job>(), id);
+    for _ in 0..5 {
+        // Poll once (the script is sent), let the reply arrive, then drop
+        // the future without polling it again (a lost `select!` branch).
+        let mut fut = Box::pin(a.get_context::<Job>(id));
+        std::future::poll_fn(|cx| {
+            assert!(fut.as_mut().poll(cx).is_pending());
+            std::task::Poll::Ready(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop(fut);
+        assert_lease_released("lock future dropped with its reply", &key).await;
+    }
+    guard("lock after the drops", 30, a.get_context::<Job>(id))
+        .await
+        .unwrap()
+        .rollback();
+}
+
+#[tokio::test]
+async fn issue15_a_corrupt_version_does_not_poison_its_kind_and_store_repairs_it() {
+    let ns = namespace();
+    let a = store_in(&ns).await;
+    let id = Uuid::new_v4();
+    let v1 = a.store_context(id, job(1)).await.unwrap();
+    let key = a.data_key(ContextType::of::<Job>(), id);
+    hset(&key, "version", "garbage").await;
+    // Deleting refuses (it would copy the garbage into the kind's floor).
+    let e = a.delete_context::<Job>(id).await.unwrap_err();
+    assert!(e.is_codec(), "{e}");
+    assert_eq!(e.id(), Some(id));
+    assert!(e.to_string().contains(&id.to_string()), "{e}");
+    // Other contexts of the kind are unaffected.
+    let other = Uuid::new_v4();
+    let v = a.store_context(other, job(2)).await.unwrap();
+    assert!(v >= 1);
+    assert_eq!(a.get_context_snapshot::<Job>(other).await.unwrap().done, 2);
+    // store_context repairs the corrupt key, with a version above any it had.
+    let v2 = a.store_context(id, job(3)).await.unwrap();
+    assert!(v2 > v1, "{v2} after {v1}");
+    let snap = a.get_context_snapshot::<Job>(id).await.unwrap();
+    assert_eq!((snap.done, snap.version()), (3, v2));
+    a.update_context(id, |j: &mut Job| j.done += 1)
+        .await
+        .unwrap();
+    a.delete_context::<Job>(id).await.unwrap();
+    let v3 = a.store_context(id, job(0)).await.unwrap();
+    assert!(v3 > v2, "{v3} after {v2}");
+
+    // A corrupt floor (written by hand) is refused before anything is
+    // written, naming the floor; existing contexts keep working.
+    let floor = format!("{ns}:#floor");
+    hset(&floor, Job::kind(), "NaN").await;
+    let fresh = Uuid::new_v4();
+    let e = a.store_context(fresh, job(0)).await.unwrap_err();
+    assert!(e.is_codec() && e.to_string().contains("#floor"), "{e}");
+    assert!(!a.contains_context::<Job>(fresh).await.unwrap());
+    let e = a.delete_context::<Job>(id).await.unwrap_err();
+    assert!(e.is_codec(), "{e}");
+    a.update_context(id, |j: &mut Job| j.done += 1)
+        .await
+        .unwrap();
+}
