@@ -430,3 +430,83 @@ fn guards_work_from_plain_threads() {
         assert!(free);
     });
 }
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Reading {
+    label: String,
+    value: f64,
+    extra: Option<f32>,
+    tags: std::collections::BTreeMap<String, f64>,
+}
+
+impl Context for Reading {
+    fn kind() -> &'static str {
+        "ctxstore.test.pg.reading"
+    }
+}
+
+fn reading() -> Reading {
+    Reading {
+        label: "ok".into(),
+        value: 1.5,
+        extra: Some(2.5),
+        tags: [("t".to_owned(), 3.0)].into(),
+    }
+}
+
+/// Values the in-memory store takes but JSON (or jsonb) cannot carry back.
+fn unportable_readings() -> Vec<Reading> {
+    let mut out = Vec::new();
+    for v in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+        out.push(Reading {
+            value: v,
+            ..reading()
+        });
+    }
+    out.push(Reading {
+        extra: Some(f32::NAN),
+        ..reading()
+    });
+    out.push(Reading {
+        tags: [("t".to_owned(), f64::NAN)].into(),
+        ..reading()
+    });
+    out.push(Reading {
+        label: "nul\0inside".into(),
+        ..reading()
+    });
+    out.push(Reading {
+        tags: [("k\0".to_owned(), 1.0)].into(),
+        ..reading()
+    });
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue15_non_finite_floats_and_nul_strings_are_refused_at_write_time() {
+    guarded(async {
+        let s = fresh_store().await;
+        for bad in unportable_readings() {
+            let id = Uuid::new_v4();
+            let e = s.store_context(id, bad.clone()).await.unwrap_err();
+            assert!(e.is_codec(), "{bad:?}: {e}");
+            assert_eq!(e.id(), Some(id));
+            assert!(e.to_string().contains(&id.to_string()), "{e}");
+            assert!(!s.contains_context::<Reading>(id).await.unwrap());
+            // Through a guard: refused, nothing written, the lock released.
+            let v = s.store_context(id, reading()).await.unwrap();
+            let mut g = s.get_context::<Reading>(id).await.unwrap();
+            *g = bad.clone();
+            let e = g.commit().await.unwrap_err();
+            assert!(e.is_codec(), "{bad:?}: {e}");
+            assert_eq!(e.id(), Some(id));
+            let snap = s.get_context_snapshot::<Reading>(id).await.unwrap();
+            assert_eq!((&*snap, snap.version()), (&reading(), v));
+            s.get_context_timeout::<Reading>(id, Duration::from_secs(30))
+                .await
+                .unwrap()
+                .rollback();
+        }
+    })
+    .await
+}

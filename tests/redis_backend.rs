@@ -947,3 +947,84 @@ async fn issue15_a_corrupt_version_does_not_poison_its_kind_and_store_repairs_it
         .await
         .unwrap();
 }
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Reading {
+    label: String,
+    value: f64,
+    extra: Option<f32>,
+    tags: std::collections::BTreeMap<String, f64>,
+}
+
+impl Context for Reading {
+    fn kind() -> &'static str {
+        "test.reading"
+    }
+}
+
+fn reading() -> Reading {
+    Reading {
+        label: "ok".into(),
+        value: 1.5,
+        extra: Some(2.5),
+        tags: [("t".to_owned(), 3.0)].into(),
+    }
+}
+
+/// Values the in-memory store takes but JSON cannot carry back.
+fn unportable_readings() -> Vec<Reading> {
+    let mut out = Vec::new();
+    for v in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+        out.push(Reading {
+            value: v,
+            ..reading()
+        });
+    }
+    out.push(Reading {
+        extra: Some(f32::NAN),
+        ..reading()
+    });
+    out.push(Reading {
+        tags: [("t".to_owned(), f64::NAN)].into(),
+        ..reading()
+    });
+    out.push(Reading {
+        label: "nul\0inside".into(),
+        ..reading()
+    });
+    out.push(Reading {
+        tags: [("k\0".to_owned(), 1.0)].into(),
+        ..reading()
+    });
+    out
+}
+
+#[tokio::test]
+async fn issue15_non_finite_floats_and_nul_strings_are_refused_at_write_time() {
+    let store = store_in(&namespace()).await;
+    for bad in unportable_readings() {
+        let id = Uuid::new_v4();
+        let e = store.store_context(id, bad.clone()).await.unwrap_err();
+        assert!(e.is_codec(), "{bad:?}: {e}");
+        assert_eq!(e.id(), Some(id));
+        assert!(e.to_string().contains(&id.to_string()), "{e}");
+        assert!(!store.contains_context::<Reading>(id).await.unwrap());
+        // Through a guard: refused, nothing written, the lock released.
+        let v = store.store_context(id, reading()).await.unwrap();
+        let mut g = store.get_context::<Reading>(id).await.unwrap();
+        *g = bad.clone();
+        let e = g.commit().await.unwrap_err();
+        assert!(e.is_codec(), "{bad:?}: {e}");
+        assert_eq!(e.id(), Some(id));
+        let snap = store.get_context_snapshot::<Reading>(id).await.unwrap();
+        assert_eq!((&*snap, snap.version()), (&reading(), v));
+        guard(
+            "lock after a refused commit",
+            30,
+            store.get_context::<Reading>(id),
+        )
+        .await
+        .unwrap()
+        .rollback();
+    }
+}
