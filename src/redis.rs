@@ -329,6 +329,8 @@ impl RedisContextStorageBuilder {
             .await
             .map_err(|e| setup_error(boxed(e)))?;
 
+        check_durability(conn.clone(), &self.namespace).await;
+
         // The subscription connection speaks RESP3 so that the driver
         // re-subscribes by itself after a reconnect.
         let info = client.get_connection_info().clone();
@@ -377,6 +379,65 @@ impl RedisContextStorageBuilder {
             .runtime
             .spawn(watch_subscription(Arc::downgrade(&inner), renew));
         Ok(RedisContextStorage { inner })
+    }
+}
+
+/// Warns (`tracing::warn!`) when the server's settings can lose the store's
+/// keys: an `allkeys-*` eviction policy (values, versions and the version
+/// floor can be evicted, after which versions repeat), or no persistence
+/// at all (a restart forgets everything). Servers that refuse `CONFIG GET`
+/// (managed services) are not checked.
+async fn check_durability(mut conn: ConnectionManager, namespace: &str) {
+    let config: redis::RedisResult<HashMap<String, String>> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory*")
+        .query_async(&mut conn)
+        .await;
+    let persistence: redis::RedisResult<HashMap<String, String>> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("appendonly")
+        .query_async(&mut conn)
+        .await;
+    let save: redis::RedisResult<HashMap<String, String>> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("save")
+        .query_async(&mut conn)
+        .await;
+    let (config, aof, save) = match (config, persistence, save) {
+        (Ok(c), Ok(a), Ok(s)) => (c, a, s),
+        (Err(e), ..) | (_, Err(e), _) | (.., Err(e)) => {
+            tracing::debug!(error = %e, "cannot read the Redis configuration; durability not checked");
+            return;
+        }
+    };
+    let policy = config.get("maxmemory-policy").map_or("", String::as_str);
+    if let Some(warning) = eviction_warning(policy, config.get("maxmemory").map(String::as_str)) {
+        tracing::warn!(namespace, maxmemory_policy = policy, "{warning}");
+    }
+    let aof_on = aof.get("appendonly").is_some_and(|v| v == "yes");
+    let rdb_on = save.get("save").is_some_and(|v| !v.trim().is_empty());
+    if !aof_on && !rdb_on {
+        tracing::warn!(
+            namespace,
+            "Redis has no persistence (appendonly no, save \"\"): a restart loses every \
+             context and the version floor, after which versions repeat. Enable AOF \
+             (appendonly yes, appendfsync everysec or always) or RDB snapshots; see the \
+             README's Redis durability notes"
+        );
+    }
+}
+
+/// The warning for an eviction policy that can evict the store's keys.
+fn eviction_warning(policy: &str, maxmemory: Option<&str>) -> Option<String> {
+    if policy.starts_with("allkeys-") {
+        Some(format!(
+            "Redis maxmemory-policy is {policy} (maxmemory {}): under memory pressure it can \
+             evict contexts and the version floor, losing committed values and letting \
+             versions repeat. Use maxmemory-policy noeviction for a ctxstore server",
+            maxmemory.unwrap_or("?")
+        ))
+    } else {
+        None
     }
 }
 
@@ -713,16 +774,19 @@ impl RedisContextStorage {
                 Ok(step) => Ok(step),
                 Err(e) => {
                     // The script may have taken the lease (a reply that
-                    // timed out, or one we cannot read): give it back
-                    // before reporting, so the caller's next step finds
-                    // the key free.
-                    let channel = &store.channel;
-                    if let Err(re) =
-                        release_now(&mut conn, &lock, &waiting, &token, channel, &data).await
-                    {
-                        tracing::debug!(kind = ty.kind(), %id, error = %re,
-                            "release after a failed lock attempt failed; the lease expires on its own");
-                    }
+                    // timed out, or one we cannot read): give it back. In
+                    // the background, so that an outage does not double
+                    // the time to report it; a waiter that finds the lease
+                    // meanwhile is woken by the release.
+                    drop(PendingRelease {
+                        store,
+                        ty,
+                        id,
+                        token,
+                        data,
+                        lock,
+                        waiting,
+                    });
                     Err(e)
                 }
             };
@@ -952,12 +1016,14 @@ impl ContextStorage for RedisContextStorage {
                     self.try_acquire(ty, id, &keys, &token, mark)
                 })
                 .await?;
+            let (lost_tx, lost) = tokio::sync::watch::channel(false);
             let renewal = self.inner.runtime.spawn(renew_loop(
                 self.inner.conn.clone(),
                 keys.lock.clone(),
                 token.clone(),
                 self.inner.lease_ms,
                 self.inner.renew,
+                lost_tx,
             ));
             // From here on, dropping `lease` releases the lock.
             let lease = RedisLease {
@@ -968,6 +1034,7 @@ impl ContextStorage for RedisContextStorage {
                 keys,
                 store: self.inner.clone(),
                 renewal: Some(renewal),
+                lost,
                 held: Some((handle, gate)),
             };
             if let Some(pending) = acquired.release.take() {
@@ -1104,28 +1171,53 @@ fn glob_escape(s: &str) -> String {
     out
 }
 
+/// Renews the lease every `every` while the guard lives, and tells the
+/// guard (`lost`) once the lease is certainly gone: Redis said it is not
+/// ours any more (expired, taken over, evicted), or no renewal succeeded
+/// for a whole lease period (Redis unreachable: it has expired by then).
 async fn renew_loop(
     mut conn: ConnectionManager,
     lock: String,
     token: String,
     lease_ms: u64,
     every: Duration,
+    lost: tokio::sync::watch::Sender<bool>,
 ) {
+    let lease = Duration::from_millis(lease_ms);
+    // The lease was set before this task started, so it expires at the
+    // latest a lease period from now; each renewal pushes that out from the
+    // moment its reply arrived (it was applied before).
+    let mut expires = tokio::time::Instant::now() + lease;
     loop {
         tokio::time::sleep(every).await;
-        let renewed = RENEW
-            .key(&lock)
-            .arg(&token)
-            .arg(lease_ms)
-            .invoke_async::<i64>(&mut conn)
-            .await;
+        let mut invocation = RENEW.key(&lock);
+        invocation.arg(&token).arg(lease_ms);
+        let renewal = invocation.invoke_async::<i64>(&mut conn);
+        // A renewal stuck in a reconnect must not delay the news.
+        let renewed = tokio::select! {
+            renewed = renewal => renewed,
+            _ = tokio::time::sleep_until(expires) => {
+                lost.send_replace(true);
+                return;
+            }
+        };
         match renewed {
-            Ok(1) => {}
+            Ok(1) => expires = tokio::time::Instant::now() + lease,
             // Expired or taken over: it is not coming back.
-            Ok(_) => return,
-            // Redis unreachable: try again next interval; if it stays away
-            // the lease expires and commit reports LeaseLost.
-            Err(e) => tracing::debug!(%lock, error = %e, "lease renewal failed"),
+            Ok(_) => {
+                lost.send_replace(true);
+                return;
+            }
+            // Redis unreachable: try again next interval; once a whole
+            // lease period passed without a renewal, the lease is gone (and
+            // commit reports LeaseLost).
+            Err(e) => {
+                tracing::debug!(%lock, error = %e, "lease renewal failed");
+                if tokio::time::Instant::now() >= expires {
+                    lost.send_replace(true);
+                    return;
+                }
+            }
         }
     }
 }
@@ -1139,6 +1231,8 @@ struct RedisLease {
     keys: Keys,
     store: Arc<Inner>,
     renewal: Option<JoinHandle<()>>,
+    /// Set by the renewal task once the lease is certainly lost.
+    lost: tokio::sync::watch::Receiver<bool>,
     /// The local gate and registration, handed back once Redis released.
     held: Option<(KeyHandle, OwnedMutexGuard<()>)>,
 }
@@ -1186,8 +1280,32 @@ impl Lease for RedisLease {
             if let Some(r) = renewal {
                 r.abort();
             }
+            let v = match reply {
+                Ok(v) => v,
+                Err(e) => {
+                    // Sent after the commit script on the same connection:
+                    // if the script ran, this finds nothing to release;
+                    // if not, waiters need not wait for the lease to expire.
+                    drop(PendingRelease {
+                        store: store.clone(),
+                        ty,
+                        id,
+                        token,
+                        data: keys.data.clone(),
+                        lock: keys.lock,
+                        waiting: keys.waiting,
+                    });
+                    drop(held);
+                    return Err(ty.backend_error(
+                        Some(id),
+                        message(format!(
+                            "no reply to the commit script ({e}): it may or may not have been \
+                             applied (whole or not at all); read the context to find out"
+                        )),
+                    ));
+                }
+            };
             drop(held);
-            let v = reply.map_err(|e| ty.backend_error(Some(id), boxed(e)))?;
             let (code, rest) = reply_items(ty, id, &v)?;
             match code {
                 1 => version_of(ty, id, rest.first()),
@@ -1207,6 +1325,17 @@ impl Lease for RedisLease {
 
     fn release(self: Box<Self>) {
         // Drop does it.
+    }
+
+    fn lost(&self) -> BoxFuture<'static, ()> {
+        let mut lost = self.lost.clone();
+        Box::pin(async move {
+            if lost.wait_for(|l| *l).await.is_err() {
+                // The renewal task is gone without saying "lost" (the
+                // guard committed or was dropped): nothing to report.
+                std::future::pending::<()>().await;
+            }
+        })
     }
 }
 

@@ -549,6 +549,9 @@ async fn redis_outage_gives_backend_errors_and_the_store_recovers() {
     store.store_context(id, job(0)).await.unwrap();
     let mut g = store.get_context::<Job>(id).await.unwrap();
     g.done = 99;
+    let other = Uuid::new_v4();
+    store.store_context(other, job(0)).await.unwrap();
+    let g2 = store.get_context::<Job>(other).await.unwrap();
 
     proxy.cut();
     // Every operation fails with a Backend error naming the key; none panics.
@@ -573,6 +576,10 @@ async fn redis_outage_gives_backend_errors_and_the_store_recovers() {
     .await
     .unwrap_err();
     assert!(e.is_backend(), "{e}");
+
+    // No renewal could succeed for a lease period: the holder was told.
+    guard("lease_lost during the outage", 30, g2.lease_lost()).await;
+    drop(g2);
 
     // The guard (gone with the failed commit) left a lock that nobody renews:
     // it expires by itself while Redis cannot be told.
@@ -1027,4 +1034,109 @@ async fn issue15_non_finite_floats_and_nul_strings_are_refused_at_write_time() {
         .unwrap()
         .rollback();
     }
+}
+
+/// Captures what `tracing` logs on this thread while `f` runs.
+async fn logged<F: Future>(f: F) -> (F::Output, String) {
+    #[derive(Clone, Default)]
+    struct Buf(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer({
+            let buf = buf.clone();
+            move || buf.clone()
+        })
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .finish();
+    let out = {
+        let _default = tracing::subscriber::set_default(subscriber);
+        f.await
+    };
+    let text = String::from_utf8_lossy(&buf.0.lock().unwrap()).into_owned();
+    (out, text)
+}
+
+#[tokio::test]
+async fn issue15_connect_warns_when_the_server_can_evict_or_forget_the_store() {
+    // Private servers: the shared one's settings are not ours to change.
+    let evicting = PrivateRedis::start(&["--maxmemory-policy", "allkeys-lru"]).await;
+    let (store, log) = logged(
+        RedisContextStorage::builder(&evicting.url)
+            .namespace(namespace())
+            .connect(),
+    )
+    .await;
+    store.unwrap();
+    assert!(
+        log.contains("WARN") && log.contains("allkeys-lru") && log.contains("noeviction"),
+        "{log}"
+    );
+    assert!(log.contains("persistence"), "{log}");
+
+    let durable = PrivateRedis::start(&["--appendonly", "yes"]).await;
+    let (store, log) = logged(
+        RedisContextStorage::builder(&durable.url)
+            .namespace(namespace())
+            .connect(),
+    )
+    .await;
+    store.unwrap();
+    assert!(!log.contains("WARN"), "{log}");
+}
+
+#[tokio::test]
+async fn issue15_a_holder_is_told_when_its_lease_is_lost() {
+    let ns = namespace();
+    let a = RedisContextStorage::builder(url())
+        .namespace(&ns)
+        .lease(Duration::from_millis(600))
+        .renewal_interval(Duration::from_millis(100))
+        .connect()
+        .await
+        .unwrap();
+    let id = Uuid::new_v4();
+    a.store_context(id, job(0)).await.unwrap();
+    // A healthy lease stays: renewals keep it for many lease periods.
+    let g = a.get_context::<Job>(id).await.unwrap();
+    let lost = g.lease_lost();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), lost)
+            .await
+            .is_err(),
+        "a renewed lease was reported lost"
+    );
+    // Taken away (what expiry, eviction or a takeover do): reported within
+    // a renewal interval or so, and the commit is refused.
+    let key = a.data_key(ContextType::of::<Job>(), id);
+    let mut conn = raw().await;
+    let _: () = redis::cmd("DEL")
+        .arg(format!("{key}:lock"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    guard("lease_lost after the lock vanished", 10, g.lease_lost()).await;
+    let mut g = g;
+    g.done = 5;
+    assert!(g.commit().await.unwrap_err().is_lease_lost());
+
+    // In memory the lock cannot be lost.
+    let mem = ctxstore::InMemoryContextStorage::new();
+    mem.store_context(id, job(0)).await.unwrap();
+    let g = mem.get_context::<Job>(id).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), g.lease_lost())
+            .await
+            .is_err()
+    );
+    g.rollback();
 }
