@@ -103,7 +103,11 @@ const SCHEMA_VERSION: u32 = 1;
 /// held [`ContextGuard`](crate::ContextGuard) owns one pooled connection
 /// (with its transaction open) until it is committed or dropped, so the
 /// pool size bounds how many guards one store can hold at once; a task that
-/// holds `pool_size` guards and asks for another waits for itself.
+/// holds `pool_size` guards and asks for another waits for itself, until
+/// the pool wait timeout (default 30 s) fails it with a `Backend` error.
+/// Tasks waiting for a key held in this process queue on a per-key gate
+/// and hold no connection; snapshots use a free connection or a small
+/// separate read pool, so they never wait for guards.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), ctxstore::ContextError> {
