@@ -58,7 +58,8 @@
 //! not end in a guard gives its token back (token-checked, so it is always
 //! safe to send): a reply that failed (timed out, connection lost: the
 //! script may have run all the same) or did not parse is followed by a
-//! release before the error is reported; a lease taken for a caller whose
+//! release (spawned, and sent on the same connection after the script, so
+//! Redis runs it after the script); a lease taken for a caller whose
 //! future was dropped, while the script was in flight or after its reply
 //! arrived, is released when the unclaimed reply is dropped. Dropping a
 //! guard spawns the release script (it never blocks)
@@ -727,8 +728,9 @@ impl RedisContextStorage {
     /// Every path that does not end in a guard gives the token back
     /// (token-checked, so it is always safe to send): a reply that fails
     /// (timed out, connection lost: the script may have run all the same)
-    /// or does not parse is followed by a release before the error is
-    /// reported, and a success carries a [`PendingRelease`] that releases
+    /// or does not parse is followed by a release (in the background, sent
+    /// after the script on the same connection), and a success carries a
+    /// [`PendingRelease`] that releases
     /// when dropped, so one that dies in the channel (the caller's future
     /// was dropped after the reply arrived) is given back too.
     async fn try_acquire(
