@@ -97,7 +97,12 @@ impl<T: Context> Describe<T> {
 
 fn encode<T: Context>(value: &(dyn Any + Send + Sync)) -> Result<Vec<u8>, BoxError> {
     match value.downcast_ref::<T>() {
-        Some(v) => serde_json::to_vec(v).map_err(boxed),
+        Some(v) => {
+            // What JSON cannot carry back (NaN, infinities, `\0`) is
+            // refused here, before any backend stores it.
+            crate::portable::check(v).map_err(boxed)?;
+            serde_json::to_vec(v).map_err(boxed)
+        }
         None => Err(message(format!(
             "value is not a {} (type confusion between backend and caller)",
             std::any::type_name::<T>()
@@ -147,7 +152,11 @@ impl ContextType {
     }
 
     /// Serializes a value of this type (JSON). A value of another type gives
-    /// a `Codec` error.
+    /// a `Codec` error, and so does one JSON cannot carry back: a
+    /// non-finite float (NaN, ±infinity; serde_json would write `null`) or a
+    /// string, char or map key containing `\0` (Postgres' `jsonb` cannot
+    /// hold it), so that every backend refuses the same values before
+    /// storing anything.
     pub fn encode(
         &self,
         id: Option<Uuid>,

@@ -98,6 +98,29 @@ impl<T: Context> ContextGuard<T> {
         }
     }
 
+    /// Resolves once the backend knows this guard's lock is lost, so a
+    /// long-running holder can `select!` on it and stop early rather than
+    /// find out at [`commit`](Self::commit) (`LeaseLost`, nothing written).
+    ///
+    /// Redis: when a renewal finds the lease expired, taken over or
+    /// evicted, or no renewal succeeded for a whole lease period. It never
+    /// resolves in memory (the lock cannot be lost) nor on Postgres (the
+    /// row lock is lost only with the session, which commit reports). The
+    /// future owns what it needs (`'static`, `Send`); resolving says
+    /// nothing was committed by this guard, not that the value changed.
+    pub fn lease_lost(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let lost = match &self.inner {
+            GuardInner::Remote(g) => g.lease.as_ref().map(|lease| lease.lost()),
+            GuardInner::Memory(_) => None,
+        };
+        async move {
+            match lost {
+                Some(lost) => lost.await,
+                None => std::future::pending().await,
+            }
+        }
+    }
+
     /// Discards the working copy and releases the lock, without the warning
     /// that dropping a changed guard logs.
     pub fn rollback(self) {

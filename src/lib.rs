@@ -99,6 +99,7 @@ mod error;
 mod global;
 mod guard;
 mod memory;
+mod portable;
 #[cfg(feature = "postgres")]
 mod postgres;
 #[cfg(feature = "redis")]

@@ -24,6 +24,13 @@
 //! the scripts compare them as Lua numbers (doubles) when raising the floor:
 //! exact up to 2^53 commits per kind, which no deployment reaches.
 //!
+//! Every script checks every number it reads (digits only) before its first
+//! write, since Lua scripts are not rolled back, and refuses a corrupt one
+//! with a `Codec` error naming the key: a corrupt version is never taken
+//! into the floor (delete refuses), a lock is never taken on it, and
+//! `store_context` repairs it, restarting the key's version at the server
+//! clock in microseconds (above any version commits can have reached).
+//!
 //! # Locking, fencing and waking
 //!
 //! `get_context` runs one script: if `ns:k:u:lock` exists the key is held
@@ -47,9 +54,15 @@
 //!
 //! # Cancellation
 //!
-//! A lock attempt runs in a spawned task: if the caller's future is dropped
-//! while the script is in flight and the script took the lease, the task
-//! releases it. Dropping a guard spawns the release script (it never blocks)
+//! A lock attempt runs in a spawned task, and every acquisition that does
+//! not end in a guard gives its token back (token-checked, so it is always
+//! safe to send): a reply that failed (timed out, connection lost: the
+//! script may have run all the same) or did not parse is followed by a
+//! release (spawned, and sent on the same connection after the script, so
+//! Redis runs it after the script); a lease taken for a caller whose
+//! future was dropped, while the script was in flight or after its reply
+//! arrived, is released when the unclaimed reply is dropped. Dropping a
+//! guard spawns the release script (it never blocks)
 //! and stops the renewal task; if Redis is unreachable then, the lease simply
 //! expires, since nothing renews it any more.
 
@@ -75,11 +88,32 @@ const MIN_LEASE: Duration = Duration::from_millis(10);
 // ---------------------------------------------------------------------------
 // Scripts. KEYS and ARGV are listed above each one.
 
+/// Prepended to every script that reads a stored number: `num(s)` is the
+/// number if `s` is a plain decimal version (digits only, at most 18 of
+/// them, so that `HINCRBY` and Lua's doubles handle it exactly enough), else
+/// `nil`. Every script validates every number it reads *before its first
+/// write* (Lua scripts are not rolled back) and otherwise refuses with
+/// `{-3, what, found}`, which the client turns into a `Codec` error naming
+/// the key.
+const NUM: &str = r"
+local function num(s)
+  if type(s) == 'string' and #s > 0 and #s <= 18 and not string.find(s, '%D') then
+    return tonumber(s)
+  end
+  return nil
+end
+";
+
+fn script(body: &str) -> Script {
+    Script::new(&format!("{NUM}{body}"))
+}
+
 /// KEYS: data, lock, waiting. ARGV: token, lease ms, waiting-mark ms (0: do
 /// not mark). Returns `{1, version, value}`, `{0, pttl}` if held, `{-1}` if
-/// the context does not exist (no lock is taken then).
+/// the context does not exist, `{-3, 'version', found}` if the stored
+/// version is not a number (no lock is taken in either case).
 static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    script(
         r"
 if redis.call('EXISTS', KEYS[2]) == 1 then
   if ARGV[3] ~= '0' then redis.call('SET', KEYS[3], '1', 'PX', ARGV[3]) end
@@ -87,6 +121,7 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
 end
 local r = redis.call('HMGET', KEYS[1], 'value', 'version')
 if not r[2] then return {-1} end
+if not num(r[2]) then return {-3, 'version', r[2]} end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 return {1, r[2], r[1] or ''}
 ",
@@ -94,16 +129,34 @@ return {1, r[2], r[1] or ''}
 });
 
 /// KEYS: data, lock, waiting, floor. ARGV: value, kind, waiting-mark ms.
-/// Returns `{1, new version}` or `{0, pttl}` if held.
+/// Returns `{1, new version}`, `{0, pttl}` if held, `{-3, 'floor', found}`
+/// if the kind's floor is not a number (nothing written).
+///
+/// A stored version that is not a number is repaired: the new version is
+/// the server clock in microseconds (or the kind's floor if that is
+/// higher), above any version the key can have reached by commits, so
+/// versions still never repeat.
 static STORE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    script(
         r"
 if redis.call('EXISTS', KEYS[2]) == 1 then
   redis.call('SET', KEYS[3], '1', 'PX', ARGV[3])
   return {0, redis.call('PTTL', KEYS[2])}
 end
-if redis.call('HEXISTS', KEYS[1], 'version') == 0 then
-  redis.call('HSET', KEYS[1], 'version', redis.call('HGET', KEYS[4], ARGV[2]) or '0')
+local v = redis.call('HGET', KEYS[1], 'version')
+if (not v) or (not num(v)) then
+  local f = redis.call('HGET', KEYS[4], ARGV[2])
+  local base = 0
+  if f then
+    base = num(f)
+    if not base then return {-3, 'floor', f} end
+  end
+  if v then
+    local t = redis.call('TIME')
+    local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+    if now > base then base = now end
+  end
+  redis.call('HSET', KEYS[1], 'version', string.format('%.0f', base))
 end
 redis.call('HSET', KEYS[1], 'value', ARGV[1])
 redis.call('HINCRBY', KEYS[1], 'version', 1)
@@ -113,9 +166,11 @@ return {1, redis.call('HGET', KEYS[1], 'version')}
 });
 
 /// KEYS: data, lock, waiting, floor. ARGV: kind, waiting-mark ms.
-/// Returns `{1}` when deleted, `{0, pttl}` if held, `{-1}` if absent.
+/// Returns `{1}` when deleted, `{0, pttl}` if held, `{-1}` if absent,
+/// `{-3, 'version' | 'floor', found}` if a number is corrupt (nothing
+/// written: a corrupt version never reaches the floor).
 static DELETE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    script(
         r"
 if redis.call('EXISTS', KEYS[2]) == 1 then
   redis.call('SET', KEYS[3], '1', 'PX', ARGV[2])
@@ -123,8 +178,11 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
 end
 local v = redis.call('HGET', KEYS[1], 'version')
 if not v then return {-1} end
+local n = num(v)
+if not n then return {-3, 'version', v} end
 local f = redis.call('HGET', KEYS[4], ARGV[1])
-if (not f) or tonumber(f) < tonumber(v) then redis.call('HSET', KEYS[4], ARGV[1], v) end
+if f and not num(f) then return {-3, 'floor', f} end
+if (not f) or num(f) < n then redis.call('HSET', KEYS[4], ARGV[1], v) end
 redis.call('DEL', KEYS[1])
 return {1}
 ",
@@ -134,13 +192,14 @@ return {1}
 /// KEYS: data, lock, waiting. ARGV: token, version as read, value, wake
 /// channel, data key. Returns `{1, new version}`, `{-1}` if the lease is no
 /// longer ours (nothing written), `{-2, found version}` if the version moved
-/// (nothing written, lease released).
+/// (nothing written, lease released), `{-3, 'version', found}` if the
+/// stored version is not a number (nothing written, lease released).
 static COMMIT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    script(
         r"
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {-1} end
 local v = redis.call('HGET', KEYS[1], 'version')
-local ok = (v == ARGV[2])
+local ok = (v == ARGV[2]) and (num(v) ~= nil)
 if ok then
   redis.call('HSET', KEYS[1], 'value', ARGV[3])
   redis.call('HINCRBY', KEYS[1], 'version', 1)
@@ -148,6 +207,7 @@ end
 redis.call('DEL', KEYS[2])
 if redis.call('DEL', KEYS[3]) == 1 then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
 if ok then return {1, redis.call('HGET', KEYS[1], 'version')} end
+if v and not num(v) then return {-3, 'version', v} end
 return {-2, v or '0'}
 ",
     )
@@ -270,6 +330,8 @@ impl RedisContextStorageBuilder {
             .await
             .map_err(|e| setup_error(boxed(e)))?;
 
+        check_durability(conn.clone(), &self.namespace).await;
+
         // The subscription connection speaks RESP3 so that the driver
         // re-subscribes by itself after a reconnect.
         let info = client.get_connection_info().clone();
@@ -318,6 +380,65 @@ impl RedisContextStorageBuilder {
             .runtime
             .spawn(watch_subscription(Arc::downgrade(&inner), renew));
         Ok(RedisContextStorage { inner })
+    }
+}
+
+/// Warns (`tracing::warn!`) when the server's settings can lose the store's
+/// keys: an `allkeys-*` eviction policy (values, versions and the version
+/// floor can be evicted, after which versions repeat), or no persistence
+/// at all (a restart forgets everything). Servers that refuse `CONFIG GET`
+/// (managed services) are not checked.
+async fn check_durability(mut conn: ConnectionManager, namespace: &str) {
+    let config: redis::RedisResult<HashMap<String, String>> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory*")
+        .query_async(&mut conn)
+        .await;
+    let persistence: redis::RedisResult<HashMap<String, String>> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("appendonly")
+        .query_async(&mut conn)
+        .await;
+    let save: redis::RedisResult<HashMap<String, String>> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("save")
+        .query_async(&mut conn)
+        .await;
+    let (config, aof, save) = match (config, persistence, save) {
+        (Ok(c), Ok(a), Ok(s)) => (c, a, s),
+        (Err(e), ..) | (_, Err(e), _) | (.., Err(e)) => {
+            tracing::debug!(error = %e, "cannot read the Redis configuration; durability not checked");
+            return;
+        }
+    };
+    let policy = config.get("maxmemory-policy").map_or("", String::as_str);
+    if let Some(warning) = eviction_warning(policy, config.get("maxmemory").map(String::as_str)) {
+        tracing::warn!(namespace, maxmemory_policy = policy, "{warning}");
+    }
+    let aof_on = aof.get("appendonly").is_some_and(|v| v == "yes");
+    let rdb_on = save.get("save").is_some_and(|v| !v.trim().is_empty());
+    if !aof_on && !rdb_on {
+        tracing::warn!(
+            namespace,
+            "Redis has no persistence (appendonly no, save \"\"): a restart loses every \
+             context and the version floor, after which versions repeat. Enable AOF \
+             (appendonly yes, appendfsync everysec or always) or RDB snapshots; see the \
+             README's Redis durability notes"
+        );
+    }
+}
+
+/// The warning for an eviction policy that can evict the store's keys.
+fn eviction_warning(policy: &str, maxmemory: Option<&str>) -> Option<String> {
+    if policy.starts_with("allkeys-") {
+        Some(format!(
+            "Redis maxmemory-policy is {policy} (maxmemory {}): under memory pressure it can \
+             evict contexts and the version floor, losing committed values and letting \
+             versions repeat. Use maxmemory-policy noeviction for a ctxstore server",
+            maxmemory.unwrap_or("?")
+        ))
+    } else {
+        None
     }
 }
 
@@ -490,6 +611,8 @@ enum Step<R> {
 struct Acquired {
     version: u64,
     value: Vec<u8>,
+    /// Set once the lease is ours; gives it back unless a guard takes it.
+    release: Option<PendingRelease>,
 }
 
 impl RedisContextStorage {
@@ -601,6 +724,15 @@ impl RedisContextStorage {
 
     /// One acquisition attempt, in a spawned task so that a lease taken by
     /// a script whose caller went away is released, not leaked.
+    ///
+    /// Every path that does not end in a guard gives the token back
+    /// (token-checked, so it is always safe to send): a reply that fails
+    /// (timed out, connection lost: the script may have run all the same)
+    /// or does not parse is followed by a release (in the background, sent
+    /// after the script on the same connection), and a success carries a
+    /// [`PendingRelease`] that releases
+    /// when dropped, so one that dies in the channel (the caller's future
+    /// was dropped after the reply arrived) is given back too.
     async fn try_acquire(
         &self,
         ty: &'static ContextType,
@@ -610,13 +742,13 @@ impl RedisContextStorage {
         mark: bool,
     ) -> Result<Step<Acquired>> {
         let (tx, rx) = oneshot::channel();
-        let mut conn = self.inner.conn.clone();
+        let store = self.inner.clone();
         let (data, lock, waiting) = (keys.data.clone(), keys.lock.clone(), keys.waiting.clone());
         let token = token.to_owned();
         let lease_ms = self.inner.lease_ms;
         let mark_ms = if mark { self.mark_ms() } else { 0 };
-        let channel = self.inner.channel.clone();
         self.inner.runtime.spawn(async move {
+            let mut conn = store.conn.clone();
             let reply = ACQUIRE
                 .key(&data)
                 .key(&lock)
@@ -627,16 +759,90 @@ impl RedisContextStorage {
                 .invoke_async::<Value>(&mut conn)
                 .await
                 .map_err(|e| ty.backend_error(Some(id), boxed(e)))
-                .and_then(|v| parse_acquire(ty, id, v));
-            if let Err(Ok(Step::Done(_))) = tx.send(reply) {
-                // The caller is gone: give back what we just took.
-                let _ = release_now(&mut conn, &lock, &waiting, &token, &channel, &data).await;
-            }
+                .and_then(|v| parse_acquire(ty, id, &data, v));
+            let reply = match reply {
+                Ok(Step::Done(mut acquired)) => {
+                    acquired.release = Some(PendingRelease {
+                        store,
+                        ty,
+                        id,
+                        token,
+                        data,
+                        lock,
+                        waiting,
+                    });
+                    Ok(Step::Done(acquired))
+                }
+                Ok(step) => Ok(step),
+                Err(e) => {
+                    // The script may have taken the lease (a reply that
+                    // timed out, or one we cannot read): give it back. In
+                    // the background, so that an outage does not double
+                    // the time to report it; a waiter that finds the lease
+                    // meanwhile is woken by the release.
+                    drop(PendingRelease {
+                        store,
+                        ty,
+                        id,
+                        token,
+                        data,
+                        lock,
+                        waiting,
+                    });
+                    Err(e)
+                }
+            };
+            // If the caller is gone, `reply` drops here (or with the
+            // channel), and a `PendingRelease` in it gives the lease back.
+            let _ = tx.send(reply);
         });
         match rx.await {
             Ok(reply) => reply,
             Err(_) => Err(ty.backend_error(Some(id), message("lock task was cancelled"))),
         }
+    }
+}
+
+/// A lease a lock script took that no guard owns yet: released
+/// (token-checked, in the background) when dropped, unless [`disarm`]ed.
+///
+/// [`disarm`]: PendingRelease::disarm
+struct PendingRelease {
+    store: Arc<Inner>,
+    ty: &'static ContextType,
+    id: Uuid,
+    token: String,
+    data: String,
+    lock: String,
+    waiting: String,
+}
+
+impl PendingRelease {
+    /// A guard owns the lease now (its `RedisLease` releases it).
+    fn disarm(mut self) {
+        self.token.clear();
+    }
+}
+
+impl Drop for PendingRelease {
+    fn drop(&mut self) {
+        if self.token.is_empty() {
+            return;
+        }
+        let mut conn = self.store.conn.clone();
+        let channel = self.store.channel.clone();
+        let token = std::mem::take(&mut self.token);
+        let data = std::mem::take(&mut self.data);
+        let lock = std::mem::take(&mut self.lock);
+        let waiting = std::mem::take(&mut self.waiting);
+        let (ty, id) = (self.ty, self.id);
+        // Never block in drop. If the runtime is gone, the lease expires.
+        self.store.runtime.spawn(async move {
+            if let Err(e) = release_now(&mut conn, &lock, &waiting, &token, &channel, &data).await {
+                tracing::debug!(kind = ty.kind(), %id, error = %e,
+                    "release of an unclaimed lease failed; it expires on its own");
+            }
+        });
     }
 }
 
@@ -696,7 +902,12 @@ fn held_ttl(rest: &[Value]) -> i64 {
     }
 }
 
-fn parse_acquire(ty: &'static ContextType, id: Uuid, v: Value) -> Result<Step<Acquired>> {
+fn parse_acquire(
+    ty: &'static ContextType,
+    id: Uuid,
+    data: &str,
+    v: Value,
+) -> Result<Step<Acquired>> {
     let (code, rest) = reply_items(ty, id, &v)?;
     match code {
         1 => {
@@ -705,12 +916,45 @@ fn parse_acquire(ty: &'static ContextType, id: Uuid, v: Value) -> Result<Step<Ac
                 Some(Value::BulkString(b)) => b.clone(),
                 _ => Vec::new(),
             };
-            Ok(Step::Done(Acquired { version, value }))
+            Ok(Step::Done(Acquired {
+                version,
+                value,
+                release: None,
+            }))
         }
         0 => Ok(Step::Held(held_ttl(rest))),
         -1 => Ok(Step::Missing),
+        -3 => Err(corrupt(ty, id, data, rest)),
         _ => Err(bad_reply(ty, id, &v)),
     }
+}
+
+/// The `Codec` error for a script's `{-3, what, found}`: a stored number
+/// (the context's version, or its kind's floor) that is not a number.
+fn corrupt(ty: &'static ContextType, id: Uuid, data: &str, rest: &[Value]) -> ContextError {
+    let text = |v: Option<&Value>| match v {
+        Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+        Some(Value::SimpleString(s)) => s.clone(),
+        other => format!("{other:?}"),
+    };
+    let found = text(rest.get(1));
+    let detail = if text(rest.first()) == "floor" {
+        let floor = data
+            .split_once(':')
+            .map_or_else(|| "#floor".to_owned(), |(ns, _)| format!("{ns}:#floor"));
+        format!(
+            "the version floor of kind {:?} (hash {floor}, field {:?}) is not a number: {found:?}; \
+             nothing was written. Set it to a number at least as high as any version of the kind",
+            ty.kind(),
+            ty.kind()
+        )
+    } else {
+        format!(
+            "the stored version of {data} is not a number: {found:?}; nothing was written \
+             (store_context over it repairs it)"
+        )
+    };
+    ty.codec_error(Some(id), message(detail))
 }
 
 fn new_token() -> String {
@@ -750,6 +994,7 @@ impl ContextStorage for RedisContextStorage {
                         match code {
                             1 => Ok(Step::Done(version_of(ty, id, rest.first())?)),
                             0 => Ok(Step::Held(held_ttl(rest))),
+                            -3 => Err(corrupt(ty, id, &keys.data, rest)),
                             _ => Err(bad_reply(ty, id, &v)),
                         }
                     }
@@ -768,17 +1013,19 @@ impl ContextStorage for RedisContextStorage {
         Box::pin(async move {
             let keys = self.keys(ty, id);
             let token = new_token();
-            let (acquired, handle, gate) = self
+            let (mut acquired, handle, gate) = self
                 .with_wait(ty, id, &keys.data, wait, |mark| {
                     self.try_acquire(ty, id, &keys, &token, mark)
                 })
                 .await?;
+            let (lost_tx, lost) = tokio::sync::watch::channel(false);
             let renewal = self.inner.runtime.spawn(renew_loop(
                 self.inner.conn.clone(),
                 keys.lock.clone(),
                 token.clone(),
                 self.inner.lease_ms,
                 self.inner.renew,
+                lost_tx,
             ));
             // From here on, dropping `lease` releases the lock.
             let lease = RedisLease {
@@ -789,8 +1036,12 @@ impl ContextStorage for RedisContextStorage {
                 keys,
                 store: self.inner.clone(),
                 renewal: Some(renewal),
+                lost,
                 held: Some((handle, gate)),
             };
+            if let Some(pending) = acquired.release.take() {
+                pending.disarm();
+            }
             let value = ty.decode(Some(id), &acquired.value)?;
             Ok(RawGuard::Remote {
                 value,
@@ -846,6 +1097,7 @@ impl ContextStorage for RedisContextStorage {
                         1 => Ok(Step::Done(())),
                         0 => Ok(Step::Held(held_ttl(rest))),
                         -1 => Ok(Step::Missing),
+                        -3 => Err(corrupt(ty, id, &keys.data, rest)),
                         _ => Err(bad_reply(ty, id, &v)),
                     }
                 }
@@ -921,28 +1173,53 @@ fn glob_escape(s: &str) -> String {
     out
 }
 
+/// Renews the lease every `every` while the guard lives, and tells the
+/// guard (`lost`) once the lease is certainly gone: Redis said it is not
+/// ours any more (expired, taken over, evicted), or no renewal succeeded
+/// for a whole lease period (Redis unreachable: it has expired by then).
 async fn renew_loop(
     mut conn: ConnectionManager,
     lock: String,
     token: String,
     lease_ms: u64,
     every: Duration,
+    lost: tokio::sync::watch::Sender<bool>,
 ) {
+    let lease = Duration::from_millis(lease_ms);
+    // The lease was set before this task started, so it expires at the
+    // latest a lease period from now; each renewal pushes that out from the
+    // moment its reply arrived (it was applied before).
+    let mut expires = tokio::time::Instant::now() + lease;
     loop {
         tokio::time::sleep(every).await;
-        let renewed = RENEW
-            .key(&lock)
-            .arg(&token)
-            .arg(lease_ms)
-            .invoke_async::<i64>(&mut conn)
-            .await;
+        let mut invocation = RENEW.key(&lock);
+        invocation.arg(&token).arg(lease_ms);
+        let renewal = invocation.invoke_async::<i64>(&mut conn);
+        // A renewal stuck in a reconnect must not delay the news.
+        let renewed = tokio::select! {
+            renewed = renewal => renewed,
+            _ = tokio::time::sleep_until(expires) => {
+                lost.send_replace(true);
+                return;
+            }
+        };
         match renewed {
-            Ok(1) => {}
+            Ok(1) => expires = tokio::time::Instant::now() + lease,
             // Expired or taken over: it is not coming back.
-            Ok(_) => return,
-            // Redis unreachable: try again next interval; if it stays away
-            // the lease expires and commit reports LeaseLost.
-            Err(e) => tracing::debug!(%lock, error = %e, "lease renewal failed"),
+            Ok(_) => {
+                lost.send_replace(true);
+                return;
+            }
+            // Redis unreachable: try again next interval; once a whole
+            // lease period passed without a renewal, the lease is gone (and
+            // commit reports LeaseLost).
+            Err(e) => {
+                tracing::debug!(%lock, error = %e, "lease renewal failed");
+                if tokio::time::Instant::now() >= expires {
+                    lost.send_replace(true);
+                    return;
+                }
+            }
         }
     }
 }
@@ -956,6 +1233,8 @@ struct RedisLease {
     keys: Keys,
     store: Arc<Inner>,
     renewal: Option<JoinHandle<()>>,
+    /// Set by the renewal task once the lease is certainly lost.
+    lost: tokio::sync::watch::Receiver<bool>,
     /// The local gate and registration, handed back once Redis released.
     held: Option<(KeyHandle, OwnedMutexGuard<()>)>,
 }
@@ -1003,13 +1282,38 @@ impl Lease for RedisLease {
             if let Some(r) = renewal {
                 r.abort();
             }
+            let v = match reply {
+                Ok(v) => v,
+                Err(e) => {
+                    // Sent after the commit script on the same connection:
+                    // if the script ran, this finds nothing to release;
+                    // if not, waiters need not wait for the lease to expire.
+                    drop(PendingRelease {
+                        store: store.clone(),
+                        ty,
+                        id,
+                        token,
+                        data: keys.data.clone(),
+                        lock: keys.lock,
+                        waiting: keys.waiting,
+                    });
+                    drop(held);
+                    return Err(ty.backend_error(
+                        Some(id),
+                        message(format!(
+                            "no reply to the commit script ({e}): it may or may not have been \
+                             applied (whole or not at all); read the context to find out"
+                        )),
+                    ));
+                }
+            };
             drop(held);
-            let v = reply.map_err(|e| ty.backend_error(Some(id), boxed(e)))?;
             let (code, rest) = reply_items(ty, id, &v)?;
             match code {
                 1 => version_of(ty, id, rest.first()),
                 -1 => Err(ty.lease_lost(id)),
                 -2 => Err(ty.conflict(id, expected, version_of(ty, id, rest.first())?)),
+                -3 => Err(corrupt(ty, id, &keys.data, rest)),
                 _ => Err(bad_reply(ty, id, &v)),
             }
         });
@@ -1023,6 +1327,17 @@ impl Lease for RedisLease {
 
     fn release(self: Box<Self>) {
         // Drop does it.
+    }
+
+    fn lost(&self) -> BoxFuture<'static, ()> {
+        let mut lost = self.lost.clone();
+        Box::pin(async move {
+            if lost.wait_for(|l| *l).await.is_err() {
+                // The renewal task is gone without saying "lost" (the
+                // guard committed or was dropped): nothing to report.
+                std::future::pending::<()>().await;
+            }
+        })
     }
 }
 

@@ -83,6 +83,14 @@ pub trait Lease: Send + 'static {
 
     /// Releases the lock without writing (rollback).
     fn release(self: Box<Self>);
+
+    /// Resolves once the backend knows the lock is lost (a lease that
+    /// expired or was taken over), so that a holder can stop early instead
+    /// of learning it at commit. Never resolves by default: for a lock that
+    /// cannot be lost, or a backend that cannot tell.
+    fn lost(&self) -> BoxFuture<'static, ()> {
+        Box::pin(std::future::pending())
+    }
 }
 
 /// The object-safe storage interface (`Arc<dyn ContextStorage>` works).

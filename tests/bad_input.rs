@@ -758,3 +758,57 @@ fn a_panicking_drop_of_a_deleted_value_surfaces_late_and_leaves_no_lock_or_waite
     }
     assert_eq!(panics, 1, "the deleted value is dropped exactly once");
 }
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Measured {
+    label: String,
+    ratio: f64,
+}
+impl Context for Measured {}
+
+/// Issue #15: values JSON cannot carry back (a non-finite float, `\0` in a
+/// string) are refused by `ContextType::encode`, so every remote backend
+/// refuses them at write time, before storing anything; the in-memory
+/// engine never serializes and keeps them. Bytes that *decode* to such a
+/// value (`"\u0000"`) decode fine, but cannot be committed back.
+#[tokio::test]
+async fn values_json_cannot_carry_back_are_refused_by_encode_but_fine_in_memory() {
+    let ty = ContextType::of::<Measured>();
+    let x = id(7);
+    let bad = [
+        Measured {
+            label: "ok".into(),
+            ratio: f64::NAN,
+        },
+        Measured {
+            label: "ok".into(),
+            ratio: f64::NEG_INFINITY,
+        },
+        Measured {
+            label: "a\0b".into(),
+            ratio: 0.5,
+        },
+    ];
+    let s = InMemoryContextStorage::new();
+    for v in &bad {
+        let e = ty.encode(Some(x), v).unwrap_err();
+        assert!(e.is_codec() && e.id() == Some(x), "{e}");
+        assert!(e.to_string().contains(&x.to_string()), "{e}");
+        assert!(std::error::Error::source(&e).is_some());
+        s.store_context(x, v.clone()).await.unwrap();
+    }
+    let decoded = ty
+        .decode(Some(x), br#"{"label":"a\u0000b","ratio":0.5}"#)
+        .unwrap();
+    assert_eq!(decoded.downcast_ref::<Measured>(), Some(&bad[2]));
+    assert!(ty.encode(Some(x), &*decoded).unwrap_err().is_codec());
+    assert!(ty
+        .encode(
+            Some(x),
+            &Measured {
+                label: "a\\u0000b".into(),
+                ratio: -0.0
+            }
+        )
+        .is_ok());
+}

@@ -430,3 +430,557 @@ fn guards_work_from_plain_threads() {
         assert!(free);
     });
 }
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Reading {
+    label: String,
+    value: f64,
+    extra: Option<f32>,
+    tags: std::collections::BTreeMap<String, f64>,
+}
+
+impl Context for Reading {
+    fn kind() -> &'static str {
+        "ctxstore.test.pg.reading"
+    }
+}
+
+fn reading() -> Reading {
+    Reading {
+        label: "ok".into(),
+        value: 1.5,
+        extra: Some(2.5),
+        tags: [("t".to_owned(), 3.0)].into(),
+    }
+}
+
+/// Values the in-memory store takes but JSON (or jsonb) cannot carry back.
+fn unportable_readings() -> Vec<Reading> {
+    let mut out = Vec::new();
+    for v in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+        out.push(Reading {
+            value: v,
+            ..reading()
+        });
+    }
+    out.push(Reading {
+        extra: Some(f32::NAN),
+        ..reading()
+    });
+    out.push(Reading {
+        tags: [("t".to_owned(), f64::NAN)].into(),
+        ..reading()
+    });
+    out.push(Reading {
+        label: "nul\0inside".into(),
+        ..reading()
+    });
+    out.push(Reading {
+        tags: [("k\0".to_owned(), 1.0)].into(),
+        ..reading()
+    });
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue15_non_finite_floats_and_nul_strings_are_refused_at_write_time() {
+    guarded(async {
+        let s = fresh_store().await;
+        for bad in unportable_readings() {
+            let id = Uuid::new_v4();
+            let e = s.store_context(id, bad.clone()).await.unwrap_err();
+            assert!(e.is_codec(), "{bad:?}: {e}");
+            assert_eq!(e.id(), Some(id));
+            assert!(e.to_string().contains(&id.to_string()), "{e}");
+            assert!(!s.contains_context::<Reading>(id).await.unwrap());
+            // Through a guard: refused, nothing written, the lock released.
+            let v = s.store_context(id, reading()).await.unwrap();
+            let mut g = s.get_context::<Reading>(id).await.unwrap();
+            *g = bad.clone();
+            let e = g.commit().await.unwrap_err();
+            assert!(e.is_codec(), "{bad:?}: {e}");
+            assert_eq!(e.id(), Some(id));
+            let snap = s.get_context_snapshot::<Reading>(id).await.unwrap();
+            assert_eq!((&*snap, snap.version()), (&reading(), v));
+            s.get_context_timeout::<Reading>(id, Duration::from_secs(30))
+                .await
+                .unwrap()
+                .rollback();
+        }
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------
+// Issue #15: pool deadlocks, URL options, least privilege, timeouts.
+
+/// The test URL with `params` appended as query parameters.
+fn url_with(params: &str) -> String {
+    let base = url();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    format!("{base}{sep}{params}")
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}", &Uuid::new_v4().simple().to_string()[..12])
+}
+
+async fn elapsed<F: std::future::Future>(what: &str, secs: u64, f: F) -> (F::Output, Duration) {
+    let t0 = std::time::Instant::now();
+    match tokio::time::timeout(Duration::from_secs(secs), f).await {
+        Ok(out) => (out, t0.elapsed()),
+        Err(_) => panic!("{what} did not finish within {secs} s"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn issue15_waiters_on_a_held_key_leave_the_pool_usable() {
+    guarded(async {
+        let table = fresh_table();
+        let s = Arc::new(
+            PostgresContextStorage::builder(url())
+                .table(&table)
+                .pool_size(4)
+                .connect()
+                .await
+                .unwrap(),
+        );
+        let (hot, cold) = (Uuid::new_v4(), Uuid::new_v4());
+        s.store_context(hot, job(0)).await.unwrap();
+        s.store_context(cold, job(0)).await.unwrap();
+        let held = s.get_context::<Job>(hot).await.unwrap();
+        let mut waiters = Vec::new();
+        for i in 0..64 {
+            let s = s.clone();
+            waiters.push(tokio::spawn(async move {
+                match i % 3 {
+                    0 => s.update_context(hot, |j: &mut Job| j.n += 1).await,
+                    1 => s.store_context(hot, job(0)).await.map(drop),
+                    _ => s.get_context::<Job>(hot).await.map(|g| g.rollback()),
+                }
+            }));
+        }
+        // Let them all queue.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut took = Vec::new();
+        for round in 0..5u64 {
+            let (r, t) = elapsed("guard on another key", 10, async {
+                let mut g = s.get_context::<Job>(cold).await?;
+                g.n += 1;
+                g.commit().await
+            })
+            .await;
+            r.unwrap();
+            took.push(t);
+            let (r, t) = elapsed(
+                "snapshot of the held key",
+                10,
+                s.get_context_snapshot::<Job>(hot),
+            )
+            .await;
+            assert_eq!(r.unwrap().n, 0);
+            took.push(t);
+            let (r, t) = elapsed(
+                "snapshot of another key",
+                10,
+                s.get_context_snapshot::<Job>(cold),
+            )
+            .await;
+            assert_eq!(r.unwrap().n, round + 1);
+            took.push(t);
+            let (r, t) = elapsed(
+                "try_get_context on the held key",
+                10,
+                s.try_get_context::<Job>(hot),
+            )
+            .await;
+            assert!(r.unwrap_err().is_would_block());
+            took.push(t);
+            let (r, t) = elapsed(
+                "get_context_timeout on the held key",
+                10,
+                s.get_context_timeout::<Job>(hot, Duration::from_millis(50)),
+            )
+            .await;
+            assert!(r.unwrap_err().is_timeout());
+            took.push(t);
+            let (r, t) = elapsed(
+                "store of a new key",
+                10,
+                s.store_context(Uuid::new_v4(), job(1)),
+            )
+            .await;
+            r.unwrap();
+            took.push(t);
+        }
+        let slowest = took.iter().max().unwrap();
+        eprintln!("64 queued waiters, pool 4: slowest other operation {slowest:?}");
+        drop(held);
+        for w in waiters {
+            w.await.unwrap().unwrap();
+        }
+        let snap = s.get_context_snapshot::<Job>(hot).await.unwrap();
+        assert!(snap.n <= 22, "{}", snap.n);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue15_a_waiter_does_not_deadlock_its_holder_on_a_small_pool() {
+    guarded(async {
+        let s = Arc::new(
+            PostgresContextStorage::builder(url())
+                .table(fresh_table())
+                .pool_size(2)
+                .connect()
+                .await
+                .unwrap(),
+        );
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        s.store_context(a, job(0)).await.unwrap();
+        s.store_context(b, job(0)).await.unwrap();
+        let mut held = s.get_context::<Job>(a).await.unwrap();
+        let waiter = tokio::spawn({
+            let s = s.clone();
+            async move { s.update_context(a, |j: &mut Job| j.n += 1).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The holder needs a second connection while a waiter queues on A.
+        let (r, _) = elapsed(
+            "holder updating B",
+            10,
+            s.update_context(b, |j: &mut Job| j.n += 1),
+        )
+        .await;
+        r.unwrap();
+        held.n = 10;
+        held.commit().await.unwrap();
+        elapsed("waiter", 10, waiter).await.0.unwrap().unwrap();
+        assert_eq!(s.get_context_snapshot::<Job>(a).await.unwrap().n, 11);
+
+        // Pool of one, its connection held by a guard: other keys are
+        // refused or time out instead of hanging, and snapshots still work.
+        let one = PostgresContextStorage::builder(url())
+            .table(fresh_table())
+            .pool_size(1)
+            .connect()
+            .await
+            .unwrap();
+        one.store_context(a, job(0)).await.unwrap();
+        one.store_context(b, job(0)).await.unwrap();
+        let g = one.get_context::<Job>(a).await.unwrap();
+        let (r, _) = elapsed(
+            "try_get_context, pool exhausted",
+            10,
+            one.try_get_context::<Job>(b),
+        )
+        .await;
+        assert!(r.unwrap_err().is_would_block());
+        let (r, _) = elapsed(
+            "get_context_timeout, pool exhausted",
+            10,
+            one.get_context_timeout::<Job>(b, Duration::from_millis(100)),
+        )
+        .await;
+        assert!(r.unwrap_err().is_timeout());
+        let (r, _) = elapsed(
+            "snapshot, pool exhausted",
+            10,
+            one.get_context_snapshot::<Job>(b),
+        )
+        .await;
+        assert_eq!(r.unwrap().n, 0);
+        let (r, _) = elapsed(
+            "contains, pool exhausted",
+            10,
+            one.contains_context::<Job>(a),
+        )
+        .await;
+        assert!(r.unwrap());
+        g.rollback();
+        one.update_context(b, |j: &mut Job| j.n += 1).await.unwrap();
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue15_url_options_are_kept_next_to_the_statement_timeout() {
+    guarded(async {
+        let schema = unique("ctx_schema");
+        let c = client().await;
+        c.batch_execute(&format!("CREATE SCHEMA {schema}"))
+            .await
+            .unwrap();
+        let table = fresh_table();
+        let result = async {
+            let s = PostgresContextStorage::builder(url_with(&format!(
+                "options=-c%20search_path%3D{schema}"
+            )))
+            .table(&table)
+            .statement_timeout(Duration::from_secs(7))
+            .connect()
+            .await?;
+            let id = Uuid::new_v4();
+            s.store_context(id, job(1)).await?;
+            s.update_context(id, |j: &mut Job| j.n += 1).await?;
+            s.get_context_snapshot::<Job>(id).await.map(|snap| snap.n)
+        }
+        .await;
+        let found = c
+            .query(
+                "SELECT schemaname::text FROM pg_tables WHERE tablename = $1",
+                &[&table],
+            )
+            .await
+            .unwrap();
+        let schemas: Vec<String> = found.iter().map(|r| r.get(0)).collect();
+        c.batch_execute(&format!(
+            "DROP SCHEMA {schema} CASCADE; DROP TABLE IF EXISTS public.{table}; \
+             DROP SEQUENCE IF EXISTS public.{table}_version_seq"
+        ))
+        .await
+        .unwrap();
+        assert_eq!(result.unwrap(), 2);
+        assert_eq!(schemas, vec![schema], "the URL's search_path was dropped");
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue15_a_least_privilege_role_connects_to_an_existing_table() {
+    guarded(async {
+        let table = fresh_table();
+        // The owner (a migration tool, say) creates the schema...
+        let owner = store_on(&table).await;
+        let id = Uuid::new_v4();
+        owner.store_context(id, job(1)).await.unwrap();
+        drop(owner);
+        // ...and the application's role may only read and write rows.
+        let role = unique("ctx_app_role");
+        let c = client().await;
+        c.batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN; \
+             GRANT SELECT, INSERT, UPDATE, DELETE ON {table} TO {role}; \
+             GRANT USAGE, SELECT, UPDATE ON SEQUENCE {table}_version_seq TO {role}"
+        ))
+        .await
+        .unwrap();
+        let app_url = url().replacen("postgres@", &format!("{role}@"), 1);
+        assert_ne!(app_url, url(), "the test URL must name the user postgres");
+        let result = async {
+            // The default create_schema(true) must not need ownership.
+            let s = PostgresContextStorage::builder(&app_url)
+                .table(&table)
+                .connect()
+                .await?;
+            s.update_context(id, |j: &mut Job| j.n += 1).await?;
+            let fresh = Uuid::new_v4();
+            s.store_context(fresh, job(5)).await?;
+            s.delete_context::<Job>(fresh).await?;
+            s.get_context_snapshot::<Job>(id).await.map(|snap| snap.n)
+        }
+        .await;
+        c.batch_execute(&format!(
+            "DROP TABLE {table}; DROP SEQUENCE {table}_version_seq; \
+             DROP OWNED BY {role}; DROP ROLE {role}"
+        ))
+        .await
+        .unwrap();
+        assert_eq!(result.unwrap(), 2);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue15_reserved_words_work_as_table_names() {
+    guarded(async {
+        let schema = unique("ctx_schema");
+        let c = client().await;
+        c.batch_execute(&format!("CREATE SCHEMA {schema}"))
+            .await
+            .unwrap();
+        let result = async {
+            let mut out = Vec::new();
+            for table in ["user", "order"] {
+                let s = PostgresContextStorage::builder(url_with(&format!(
+                    "options=-c%20search_path%3D{schema}"
+                )))
+                .table(table)
+                .connect()
+                .await?;
+                let id = Uuid::new_v4();
+                s.store_context(id, job(1)).await?;
+                s.update_context(id, |j: &mut Job| j.n += 1).await?;
+                out.push(s.get_context_snapshot::<Job>(id).await?.n);
+                assert_eq!(s.context_ids::<Job>().await?, vec![id]);
+                s.delete_context::<Job>(id).await?;
+            }
+            Ok::<_, ctxstore::ContextError>(out)
+        }
+        .await;
+        c.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+            .await
+            .unwrap();
+        assert_eq!(result.unwrap(), vec![2, 2]);
+    })
+    .await
+}
+
+/// A loopback TCP proxy to Postgres that can freeze: while frozen it keeps
+/// every connection open but forwards nothing (a half-open network).
+mod frozen_proxy {
+    use std::net::SocketAddr;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::watch;
+
+    pub struct Proxy {
+        pub addr: SocketAddr,
+        frozen: watch::Sender<bool>,
+    }
+
+    async fn pump(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        mut frozen: watch::Receiver<bool>,
+    ) {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if frozen.wait_for(|f| !*f).await.is_err() {
+                return;
+            }
+            if to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    impl Proxy {
+        pub async fn start(target: SocketAddr) -> Proxy {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (frozen, rx) = watch::channel(false);
+            tokio::spawn(async move {
+                while let Ok((inbound, _)) = listener.accept().await {
+                    let Ok(outbound) = TcpStream::connect(target).await else {
+                        continue;
+                    };
+                    let (ir, iw) = inbound.into_split();
+                    let (or, ow) = outbound.into_split();
+                    tokio::spawn(pump(ir, ow, rx.clone()));
+                    tokio::spawn(pump(or, iw, rx.clone()));
+                }
+            });
+            Proxy { addr, frozen }
+        }
+
+        pub fn freeze(&self) {
+            self.frozen.send_replace(true);
+        }
+
+        pub fn thaw(&self) {
+            self.frozen.send_replace(false);
+        }
+    }
+}
+
+fn pg_addr() -> std::net::SocketAddr {
+    let cfg: tokio_postgres::Config = url().parse().unwrap();
+    let host = match &cfg.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+        #[allow(unreachable_patterns)]
+        _ => "127.0.0.1".to_owned(),
+    };
+    let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    let host = if host == "localhost" {
+        "127.0.0.1".to_owned()
+    } else {
+        host
+    };
+    format!("{host}:{port}").parse().unwrap()
+}
+
+fn url_via(addr: std::net::SocketAddr) -> String {
+    let cfg: tokio_postgres::Config = url().parse().unwrap();
+    let user = cfg.get_user().unwrap_or("postgres");
+    let db = cfg.get_dbname().unwrap_or("test");
+    format!("postgres://{user}@{}:{}/{db}", addr.ip(), addr.port())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue15_a_half_open_network_does_not_hang_commits_or_reads() {
+    guarded(async {
+        let proxy = frozen_proxy::Proxy::start(pg_addr()).await;
+        // Only the statement timeout is set: the client-side bounds must
+        // follow from it by default.
+        let s = PostgresContextStorage::builder(url_via(proxy.addr))
+            .table(fresh_table())
+            .statement_timeout(Duration::from_secs(1))
+            .connect()
+            .await
+            .unwrap();
+        let id = Uuid::new_v4();
+        s.store_context(id, job(1)).await.unwrap();
+        let mut g = s.get_context::<Job>(id).await.unwrap();
+        g.n = 2;
+        proxy.freeze();
+        let (r, t) = elapsed("commit over a frozen network", 60, g.commit()).await;
+        let e = r.unwrap_err();
+        assert!(e.is_backend(), "{e:?}");
+        assert_eq!(e.id(), Some(id));
+        eprintln!("commit over a frozen network failed after {t:?}: {e}");
+        let (r, t) = elapsed(
+            "snapshot over a frozen network",
+            60,
+            s.get_context_snapshot::<Job>(id),
+        )
+        .await;
+        let e = r.unwrap_err();
+        assert!(e.is_backend(), "{e:?}");
+        eprintln!("snapshot over a frozen network failed after {t:?}: {e}");
+        proxy.thaw();
+        // The store recovers (dead connections were dropped).
+        let snap = elapsed("recovery", 60, async {
+            loop {
+                match s.get_context_snapshot::<Job>(id).await {
+                    Ok(snap) => break snap,
+                    Err(e) if e.is_backend() => tokio::time::sleep(Duration::from_millis(50)).await,
+                    Err(e) => panic!("{e:?}"),
+                }
+            }
+        })
+        .await
+        .0;
+        assert!(snap.n == 1 || snap.n == 2, "{}", snap.n);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn issue15_connecting_to_a_server_that_never_answers_times_out() {
+    // Accepts connections and never says a word.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hold = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((sock, _)) = listener.accept().await {
+            open.push(sock);
+        }
+    });
+    // Default settings: the connect timeout must be there by default.
+    let (r, t) = elapsed(
+        "connect to a silent server",
+        60,
+        PostgresContextStorage::connect(&url_via(addr)),
+    )
+    .await;
+    let e = r.unwrap_err();
+    assert!(e.is_backend(), "{e:?}");
+    eprintln!("connect to a silent server failed after {t:?}: {e}");
+    hold.abort();
+}

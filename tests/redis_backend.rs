@@ -549,6 +549,9 @@ async fn redis_outage_gives_backend_errors_and_the_store_recovers() {
     store.store_context(id, job(0)).await.unwrap();
     let mut g = store.get_context::<Job>(id).await.unwrap();
     g.done = 99;
+    let other = Uuid::new_v4();
+    store.store_context(other, job(0)).await.unwrap();
+    let g2 = store.get_context::<Job>(other).await.unwrap();
 
     proxy.cut();
     // Every operation fails with a Backend error naming the key; none panics.
@@ -573,6 +576,10 @@ async fn redis_outage_gives_backend_errors_and_the_store_recovers() {
     .await
     .unwrap_err();
     assert!(e.is_backend(), "{e}");
+
+    // No renewal could succeed for a lease period: the holder was told.
+    guard("lease_lost during the outage", 30, g2.lease_lost()).await;
+    drop(g2);
 
     // The guard (gone with the failed commit) left a lock that nobody renews:
     // it expires by itself while Redis cannot be told.
@@ -687,4 +694,449 @@ async fn the_wake_up_subscription_comes_back_after_an_outage() {
         direct.get_context_snapshot::<Job>(id).await.unwrap().done,
         1
     );
+}
+
+// ---------------------------------------------------------------------------
+// Issue #15: leaked leases and poisoned state.
+
+async fn lock_exists(conn: &mut redis::aio::MultiplexedConnection, data_key: &str) -> bool {
+    redis::cmd("EXISTS")
+        .arg(format!("{data_key}:lock"))
+        .query_async(conn)
+        .await
+        .unwrap()
+}
+
+/// Waits (bounded) for the lease key of `data_key` to be gone; the tests
+/// use a 360 s lease, so a leaked lease is still there when this gives up.
+async fn assert_lease_released(what: &str, data_key: &str) {
+    let mut conn = raw().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while lock_exists(&mut conn, data_key).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: the lease of {data_key} leaked"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn hset(key: &str, field: &str, value: &str) {
+    let mut conn = raw().await;
+    let _: () = redis::cmd("HSET")
+        .arg(key)
+        .arg(field)
+        .arg(value)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn issue15_a_lock_attempt_on_a_corrupt_version_leaks_no_lease() {
+    let ns = namespace();
+    let a = store_in(&ns).await;
+    let id = Uuid::new_v4();
+    a.store_context(id, job(1)).await.unwrap();
+    let key = a.data_key(ContextType::of::<Job>(), id);
+    for corrupt in ["not-a-number", "1.5", "-3", "1e3", ""] {
+        hset(&key, "version", corrupt).await;
+        let e = a.get_context::<Job>(id).await.unwrap_err();
+        assert!(e.is_codec(), "{corrupt:?}: {e}");
+        assert_eq!(e.id(), Some(id));
+        assert_lease_released("lock on a corrupt version", &key).await;
+        let e = a.try_get_context::<Job>(id).await.unwrap_err();
+        assert!(e.is_codec(), "{corrupt:?}: {e}");
+        assert_lease_released("try_lock on a corrupt version", &key).await;
+    }
+}
+
+/// A private `redis-server` on a free loopback port, for tests that block
+/// or reconfigure the whole server; killed on drop.
+struct PrivateRedis {
+    child: std::process::Child,
+    url: String,
+    _dir: TempDir,
+}
+
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl PrivateRedis {
+    async fn start(extra: &[&str]) -> PrivateRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!("ctxstore-redis-{}", Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let exe = std::env::var("CTXSTORE_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+        let child = std::process::Command::new(exe)
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(&dir)
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed for this test (or set CTXSTORE_REDIS_SERVER)");
+        let server = PrivateRedis {
+            child,
+            url: format!("redis://127.0.0.1:{port}"),
+            _dir: TempDir(dir),
+        };
+        let client = redis::Client::open(server.url.as_str()).unwrap();
+        guard("private redis-server start", 30, async {
+            loop {
+                if let Ok(mut c) = client.get_multiplexed_async_connection().await {
+                    if redis::cmd("PING")
+                        .query_async::<String>(&mut c)
+                        .await
+                        .is_ok()
+                    {
+                        break;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        server
+    }
+
+    async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection_with_config(
+                &redis::AsyncConnectionConfig::new().set_response_timeout(None),
+            )
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn issue15_a_lock_reply_that_times_out_leaks_no_lease() {
+    // Blocks its server for a second: a private one, not the shared one.
+    let server = PrivateRedis::start(&[]).await;
+    let a = RedisContextStorage::builder(&server.url)
+        .namespace(namespace())
+        .lease(Duration::from_secs(360))
+        .renewal_interval(Duration::from_secs(120))
+        .response_timeout(Some(Duration::from_millis(100)))
+        .connect()
+        .await
+        .unwrap();
+    let id = Uuid::new_v4();
+    a.store_context(id, job(1)).await.unwrap();
+    let key = a.data_key(ContextType::of::<Job>(), id);
+    // Load the lock script (so that it runs, not fails NOSCRIPT, below).
+    a.get_context::<Job>(id).await.unwrap().rollback();
+    let mut conn = server.conn().await;
+    // Keep Redis busy for a second with a script: our lock script queues
+    // behind it, its reply times out, and then it runs all the same.
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let busy = tokio::spawn({
+        let mut conn = conn.clone();
+        async move {
+            let spin = redis::Script::new(
+                "local s = redis.call('TIME') local t0 = s[1] * 1000000 + s[2] \
+                 while true do local t = redis.call('TIME') \
+                 if t[1] * 1000000 + t[2] - t0 > 1000000 then return 1 end end",
+            );
+            // Load it first, so that the timed call below is one EVALSHA.
+            let _: String = spin.prepare_invoke().load_async(&mut conn).await.unwrap();
+            let _ = started_tx.send(());
+            let _: i64 = spin.invoke_async(&mut conn).await.unwrap();
+        }
+    });
+    started_rx.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let e = a.get_context::<Job>(id).await.unwrap_err();
+    assert!(e.is_backend(), "{e}");
+    busy.await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while redis::cmd("EXISTS")
+        .arg(format!("{key}:lock"))
+        .query_async::<bool>(&mut conn)
+        .await
+        .unwrap()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the lease of {key} leaked"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // And the key is usable at once.
+    a.try_get_context::<Job>(id).await.unwrap().rollback();
+}
+
+#[tokio::test]
+async fn issue15_a_lock_future_dropped_after_the_reply_arrived_leaks_no_lease() {
+    let ns = namespace();
+    let a = store_in(&ns).await;
+    let id = Uuid::new_v4();
+    a.store_context(id, job(1)).await.unwrap();
+    let key = a.data_key(ContextType::of::<Job>(), id);
+    for _ in 0..5 {
+        // Poll once (the script is sent), let the reply arrive, then drop
+        // the future without polling it again (a lost `select!` branch).
+        let mut fut = Box::pin(a.get_context::<Job>(id));
+        std::future::poll_fn(|cx| {
+            assert!(fut.as_mut().poll(cx).is_pending());
+            std::task::Poll::Ready(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop(fut);
+        assert_lease_released("lock future dropped with its reply", &key).await;
+    }
+    guard("lock after the drops", 30, a.get_context::<Job>(id))
+        .await
+        .unwrap()
+        .rollback();
+}
+
+#[tokio::test]
+async fn issue15_a_corrupt_version_does_not_poison_its_kind_and_store_repairs_it() {
+    let ns = namespace();
+    let a = store_in(&ns).await;
+    let id = Uuid::new_v4();
+    let v1 = a.store_context(id, job(1)).await.unwrap();
+    let key = a.data_key(ContextType::of::<Job>(), id);
+    hset(&key, "version", "garbage").await;
+    // Deleting refuses (it would copy the garbage into the kind's floor).
+    let e = a.delete_context::<Job>(id).await.unwrap_err();
+    assert!(e.is_codec(), "{e}");
+    assert_eq!(e.id(), Some(id));
+    assert!(e.to_string().contains(&id.to_string()), "{e}");
+    // Other contexts of the kind are unaffected.
+    let other = Uuid::new_v4();
+    let v = a.store_context(other, job(2)).await.unwrap();
+    assert!(v >= 1);
+    assert_eq!(a.get_context_snapshot::<Job>(other).await.unwrap().done, 2);
+    // store_context repairs the corrupt key, with a version above any it had.
+    let v2 = a.store_context(id, job(3)).await.unwrap();
+    assert!(v2 > v1, "{v2} after {v1}");
+    let snap = a.get_context_snapshot::<Job>(id).await.unwrap();
+    assert_eq!((snap.done, snap.version()), (3, v2));
+    a.update_context(id, |j: &mut Job| j.done += 1)
+        .await
+        .unwrap();
+    a.delete_context::<Job>(id).await.unwrap();
+    let v3 = a.store_context(id, job(0)).await.unwrap();
+    assert!(v3 > v2, "{v3} after {v2}");
+
+    // A corrupt floor (written by hand) is refused before anything is
+    // written, naming the floor; existing contexts keep working.
+    let floor = format!("{ns}:#floor");
+    hset(&floor, Job::kind(), "NaN").await;
+    let fresh = Uuid::new_v4();
+    let e = a.store_context(fresh, job(0)).await.unwrap_err();
+    assert!(e.is_codec() && e.to_string().contains("#floor"), "{e}");
+    assert!(!a.contains_context::<Job>(fresh).await.unwrap());
+    let e = a.delete_context::<Job>(id).await.unwrap_err();
+    assert!(e.is_codec(), "{e}");
+    a.update_context(id, |j: &mut Job| j.done += 1)
+        .await
+        .unwrap();
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Reading {
+    label: String,
+    value: f64,
+    extra: Option<f32>,
+    tags: std::collections::BTreeMap<String, f64>,
+}
+
+impl Context for Reading {
+    fn kind() -> &'static str {
+        "test.reading"
+    }
+}
+
+fn reading() -> Reading {
+    Reading {
+        label: "ok".into(),
+        value: 1.5,
+        extra: Some(2.5),
+        tags: [("t".to_owned(), 3.0)].into(),
+    }
+}
+
+/// Values the in-memory store takes but JSON cannot carry back.
+fn unportable_readings() -> Vec<Reading> {
+    let mut out = Vec::new();
+    for v in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+        out.push(Reading {
+            value: v,
+            ..reading()
+        });
+    }
+    out.push(Reading {
+        extra: Some(f32::NAN),
+        ..reading()
+    });
+    out.push(Reading {
+        tags: [("t".to_owned(), f64::NAN)].into(),
+        ..reading()
+    });
+    out.push(Reading {
+        label: "nul\0inside".into(),
+        ..reading()
+    });
+    out.push(Reading {
+        tags: [("k\0".to_owned(), 1.0)].into(),
+        ..reading()
+    });
+    out
+}
+
+#[tokio::test]
+async fn issue15_non_finite_floats_and_nul_strings_are_refused_at_write_time() {
+    let store = store_in(&namespace()).await;
+    for bad in unportable_readings() {
+        let id = Uuid::new_v4();
+        let e = store.store_context(id, bad.clone()).await.unwrap_err();
+        assert!(e.is_codec(), "{bad:?}: {e}");
+        assert_eq!(e.id(), Some(id));
+        assert!(e.to_string().contains(&id.to_string()), "{e}");
+        assert!(!store.contains_context::<Reading>(id).await.unwrap());
+        // Through a guard: refused, nothing written, the lock released.
+        let v = store.store_context(id, reading()).await.unwrap();
+        let mut g = store.get_context::<Reading>(id).await.unwrap();
+        *g = bad.clone();
+        let e = g.commit().await.unwrap_err();
+        assert!(e.is_codec(), "{bad:?}: {e}");
+        assert_eq!(e.id(), Some(id));
+        let snap = store.get_context_snapshot::<Reading>(id).await.unwrap();
+        assert_eq!((&*snap, snap.version()), (&reading(), v));
+        guard(
+            "lock after a refused commit",
+            30,
+            store.get_context::<Reading>(id),
+        )
+        .await
+        .unwrap()
+        .rollback();
+    }
+}
+
+/// Captures what `tracing` logs on this thread while `f` runs.
+async fn logged<F: Future>(f: F) -> (F::Output, String) {
+    #[derive(Clone, Default)]
+    struct Buf(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer({
+            let buf = buf.clone();
+            move || buf.clone()
+        })
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .finish();
+    let out = {
+        let _default = tracing::subscriber::set_default(subscriber);
+        f.await
+    };
+    let text = String::from_utf8_lossy(&buf.0.lock().unwrap()).into_owned();
+    (out, text)
+}
+
+#[tokio::test]
+async fn issue15_connect_warns_when_the_server_can_evict_or_forget_the_store() {
+    // Private servers: the shared one's settings are not ours to change.
+    let evicting = PrivateRedis::start(&["--maxmemory-policy", "allkeys-lru"]).await;
+    let (store, log) = logged(
+        RedisContextStorage::builder(&evicting.url)
+            .namespace(namespace())
+            .connect(),
+    )
+    .await;
+    store.unwrap();
+    assert!(
+        log.contains("WARN") && log.contains("allkeys-lru") && log.contains("noeviction"),
+        "{log}"
+    );
+    assert!(log.contains("persistence"), "{log}");
+
+    let durable = PrivateRedis::start(&["--appendonly", "yes"]).await;
+    let (store, log) = logged(
+        RedisContextStorage::builder(&durable.url)
+            .namespace(namespace())
+            .connect(),
+    )
+    .await;
+    store.unwrap();
+    assert!(!log.contains("WARN"), "{log}");
+}
+
+#[tokio::test]
+async fn issue15_a_holder_is_told_when_its_lease_is_lost() {
+    let ns = namespace();
+    let a = RedisContextStorage::builder(url())
+        .namespace(&ns)
+        .lease(Duration::from_millis(600))
+        .renewal_interval(Duration::from_millis(100))
+        .connect()
+        .await
+        .unwrap();
+    let id = Uuid::new_v4();
+    a.store_context(id, job(0)).await.unwrap();
+    // A healthy lease stays: renewals keep it for many lease periods.
+    let g = a.get_context::<Job>(id).await.unwrap();
+    let lost = g.lease_lost();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), lost)
+            .await
+            .is_err(),
+        "a renewed lease was reported lost"
+    );
+    // Taken away (what expiry, eviction or a takeover do): reported within
+    // a renewal interval or so, and the commit is refused.
+    let key = a.data_key(ContextType::of::<Job>(), id);
+    let mut conn = raw().await;
+    let _: () = redis::cmd("DEL")
+        .arg(format!("{key}:lock"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    guard("lease_lost after the lock vanished", 10, g.lease_lost()).await;
+    let mut g = g;
+    g.done = 5;
+    assert!(g.commit().await.unwrap_err().is_lease_lost());
+
+    // In memory the lock cannot be lost.
+    let mem = ctxstore::InMemoryContextStorage::new();
+    mem.store_context(id, job(0)).await.unwrap();
+    let g = mem.get_context::<Job>(id).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), g.lease_lost())
+            .await
+            .is_err()
+    );
+    g.rollback();
 }
