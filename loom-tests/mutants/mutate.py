@@ -142,8 +142,9 @@ M = {
  "U_never_hand_off": ("src/memory/park.rs",
    "Some(head) if handoff_due(&head.since) => {",
    "Some(head) if handoff_due(&head.since) && false => {"),
- # V: a woken waiter does not re-check the lock before re-queueing: it
- # queues behind a lock that may already be free
+ # V: a woken waiter does not try the lock before re-queueing.
+ # EQUIVALENT (expected to pass every model): `enqueue` takes a free lock
+ # itself, under the queue mutex, instead of queueing.
  "V_woken_skips_retry": ("src/memory/mod.rs",
    """                    match slot.lock.try_lock() {
                         TryLock::Acquired => return this.finish(true),
