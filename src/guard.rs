@@ -36,7 +36,11 @@ pub struct ContextGuard<T: Context> {
 
 enum GuardInner<T: Context> {
     Memory(MemGuard<T>),
-    Remote(RemoteGuard<T>),
+    // Boxed: a remote guard carries the value inline, and keeping the enum
+    // as small as the in-memory guard keeps every move of a memory guard
+    // (through futures and `Result`s) cheap. One allocation per remote lock
+    // is nothing next to its round trips.
+    Remote(Box<RemoteGuard<T>>),
 }
 
 impl<T: Context> ContextGuard<T> {
@@ -49,7 +53,7 @@ impl<T: Context> ContextGuard<T> {
 
     pub(crate) fn from_remote(guard: RemoteGuard<T>) -> Self {
         Self {
-            inner: GuardInner::Remote(guard),
+            inner: GuardInner::Remote(Box::new(guard)),
         }
     }
 

@@ -232,8 +232,11 @@ impl InMemoryContextStorage {
     /// # Cancel safety
     /// Dropping the future at any point neither leaks the lock nor loses a
     /// wake-up: a waiter that had just been handed the lock passes it on.
-    pub async fn get_context<T: Context>(&self, id: Uuid) -> Result<ContextGuard<T>> {
-        self.lock_wait::<T>(id).await.map(ContextGuard::from_memory)
+    pub fn get_context<T: Context>(
+        &self,
+        id: Uuid,
+    ) -> impl Future<Output = Result<ContextGuard<T>>> + Send + '_ {
+        GetContext(self.lock_wait::<T>(id))
     }
 
     /// [`get_context`](Self::get_context) bounded by `timeout` (`Timeout`
@@ -532,12 +535,14 @@ impl InMemoryContextStorage {
 
     pub(crate) fn try_lock_now<T: Context>(&self, id: Uuid) -> Result<MemGuard<T>> {
         loop {
-            let attempt = self.table.with::<T, _>(id, |slot| match slot.lock.try_lock() {
-                TryLock::Acquired => Some(Ok(self.acquired(slot, id))),
-                TryLock::Held => Some(Err(ContextType::of::<T>().would_block(id))),
-                // Deleted under us: re-resolve the key.
-                TryLock::Dead => None,
-            });
+            let attempt = self
+                .table
+                .with::<T, _>(id, |slot| match slot.lock.try_lock() {
+                    TryLock::Acquired => Some(Ok(self.acquired(slot, id))),
+                    TryLock::Held => Some(Err(ContextType::of::<T>().would_block(id))),
+                    // Deleted under us: re-resolve the key.
+                    TryLock::Dead => None,
+                });
             match attempt {
                 None => return Err(not_found::<T>(id)),
                 Some(Some(done)) => return done,
@@ -546,15 +551,13 @@ impl InMemoryContextStorage {
         }
     }
 
-    pub(crate) async fn lock_wait<T: Context>(&self, id: Uuid) -> Result<MemGuard<T>> {
-        if let Some(done) = self.lock_fast(id) {
-            return done;
-        }
-        loop {
-            let slot = self.table.get::<T>(id).ok_or_else(|| not_found::<T>(id))?;
-            if let Some(slot) = LockSlot::new(slot, self.fair_after).await {
-                return Ok(self.acquired(&slot, id));
-            }
+    /// Locks the context, waiting as long as it takes (see [`LockWait`]).
+    #[inline]
+    pub(crate) fn lock_wait<T: Context>(&self, id: Uuid) -> LockWait<'_, T> {
+        LockWait {
+            store: self,
+            id,
+            waiting: None,
         }
     }
 
@@ -598,6 +601,67 @@ impl InMemoryContextStorage {
                 }
             }
         }
+    }
+}
+
+/// The future of `get_context` and every waiting acquisition: its first
+/// poll takes the uncontended path (lookup and one CAS inside one table pin,
+/// no reference count, no waiter); only a busy lock makes it wait in a
+/// [`LockSlot`]. Hand-written rather than an `async fn` so that the common
+/// case moves no nested future state around.
+///
+/// # Cancel safety
+/// As `LockSlot`'s: dropping it while waiting leaves the queue, passing on
+/// a lock or a wake-up it had been given.
+pub(crate) struct LockWait<'a, T> {
+    store: &'a InMemoryContextStorage,
+    id: Uuid,
+    waiting: Option<LockSlot<T>>,
+}
+
+impl<T: Context> Future for LockWait<'_, T> {
+    type Output = Result<MemGuard<T>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        loop {
+            match &mut this.waiting {
+                None => {
+                    if let Some(done) = this.store.lock_fast(this.id) {
+                        return Poll::Ready(done);
+                    }
+                    let Some(slot) = this.store.table.get::<T>(this.id) else {
+                        return Poll::Ready(Err(not_found::<T>(this.id)));
+                    };
+                    this.waiting = Some(LockSlot::new(slot, this.store.fair_after));
+                }
+                Some(waiting) => match Pin::new(waiting).poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(locked) => {
+                        this.waiting = None;
+                        if let Some(slot) = locked {
+                            return Poll::Ready(Ok(this.store.acquired(&slot, this.id)));
+                        }
+                        // The slot died (its context was deleted) first:
+                        // re-resolve the key.
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// `get_context`'s future: a [`LockWait`] whose guard is wrapped for users.
+struct GetContext<'a, T>(LockWait<'a, T>);
+
+impl<T: Context> Future for GetContext<'_, T> {
+    type Output = Result<ContextGuard<T>>;
+
+    #[inline]
+    fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|locked| locked.map(ContextGuard::from_memory))
     }
 }
 
