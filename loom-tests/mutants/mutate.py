@@ -15,16 +15,17 @@ M = {
    ".compare_exchange(LOCKED, 0, Ordering::Relaxed, Ordering::Relaxed)"),
  # B: no re-check of the waiter state after register() in LockSlot::poll
  "B_no_recheck_after_register": ("src/memory/mod.rs",
-   """        waiter.register(cx.waker());
-        // Re-check after registering: a hand-off between the check above and
-        // the registration woke the old waker (or none).
-        match waiter.state() {
-            GRANTED => this.finish(true),
-            KILLED => this.finish(false),
-            _ => Poll::Pending,
-        }""",
-   """        waiter.register(cx.waker());
-        Poll::Pending"""),
+   """                _ => {
+                    waiter.register(cx.waker());
+                    // Re-check after registering: a wake-up between the
+                    // check above and the registration woke the old waker
+                    // (or none).
+                    registered = true;
+                }""",
+   """                _ => {
+                    waiter.register(cx.waker());
+                    return Poll::Pending;
+                }"""),
  # C: wake before the state store in Waiter::complete
  "C_wake_before_state_store": ("src/memory/park.rs",
    """        self.state.store(to, Ordering::Release);
@@ -61,8 +62,8 @@ M = {
  # G: first poll registers the waker after enqueueing (without re-check)
  "G_register_after_enqueue": ("src/memory/mod.rs",
    """            waiter.register(cx.waker());
-            return match slot.lock.enqueue(&waiter) {""",
-   """            let queued = slot.lock.enqueue(&waiter);
+            return match slot.lock.enqueue(&waiter, Place::Back) {""",
+   """            let queued = slot.lock.enqueue(&waiter, Place::Back);
             crate::sync::spin_hint();
             waiter.register(cx.waker());
             return match queued {"""),
@@ -83,8 +84,8 @@ M = {
                 }""", ""),
  # J: try_lock's CAS Relaxed instead of Acquire
  "J_try_lock_relaxed": ("src/memory/park.rs",
-   ".compare_exchange(0, LOCKED, Ordering::Acquire, Ordering::Relaxed)",
-   ".compare_exchange(0, LOCKED, Ordering::Relaxed, Ordering::Relaxed)"),
+   ".compare_exchange(s, s | LOCKED, Ordering::Acquire, Ordering::Relaxed)",
+   ".compare_exchange(s, s | LOCKED, Ordering::Relaxed, Ordering::Relaxed)"),
  # K: recycling rewrites a superseded version that one reader still holds
  "K_recycle_off_by_one": ("src/memory/version.rs",
    """    refs.compare_exchange(1, DRAFT | 1, Ordering::Acquire, Ordering::Relaxed)
@@ -101,9 +102,8 @@ M = {
    """        drop(wakes);"""),
  # M: cancel treats any completed waiter (KILLED too) as granted
  "M_cancel_killed_as_granted": ("src/memory/park.rs",
-   """            GRANTED => true,
-            _ => false,""",
-   """            _ => true,"""),
+   "            GRANTED => return true,",
+   "            GRANTED | KILLED => return true,"),
  # N: a snapshot trusts its first pointer load (no validation after the
  # increment): a recycled-and-republished allocation can be returned before
  # its publishing store is visible, and a later snapshot goes back a version
