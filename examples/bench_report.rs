@@ -519,7 +519,7 @@ fn run() -> Result<(), String> {
     // ---- targets
     writeln!(
         md,
-        "\n## Targets (issue #4)\n\n| target | met | measured |\n|---|---|---|"
+        "\n## Targets (issue #10, engine v2)\n\n| target | met | measured |\n|---|---|---|"
     )
     .unwrap();
     for (t, ok, m) in &targets {
@@ -544,6 +544,7 @@ const COLORS: &[RGBColor] = &[
     RGBColor(44, 160, 44),
     RGBColor(148, 103, 189),
     RGBColor(140, 86, 75),
+    RGBColor(127, 127, 127),
 ];
 
 fn plot(
