@@ -266,6 +266,12 @@ impl InMemoryContextStorage {
     /// Locks, applies `f`, commits; returns `f`'s result. A panic in `f`
     /// commits nothing and releases the lock (the panic propagates).
     ///
+    /// The shortest write path: when the lock is free, lookup, lock, copy,
+    /// `f`, publish and release happen in one step, with no guard object.
+    /// `f` runs while the lock is held and (on that path) while the thread
+    /// is pinned in the table's reclamation collector, so keep it short:
+    /// do slow work before or after, or hold a guard across `.await`.
+    ///
     /// # Cancel safety
     /// As for `get_context`; once `f` has run the commit cannot be cut.
     pub async fn update_context<T: Context, R>(
