@@ -287,7 +287,7 @@ fn run() -> Result<(), String> {
          operations spread over the tasks of a multi-thread Tokio runtime). Each cell: \
          ops/s and, in brackets, the ratio to ctxstore (> 1× = faster than ctxstore). \
          *best other* is the fastest contender that is not ctxstore and not a limit line; \
-         *ctxstore ÷ best* ≥ 1.00 meets the issue's target.\n"
+         *ctxstore ÷ best* is compared with the issue's target for that workload (see Targets below).\n"
     )
     .unwrap();
 
