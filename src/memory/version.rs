@@ -132,8 +132,11 @@ pub(crate) unsafe fn publish<T>(p: NonNull<Inner<T>>) {
 pub(crate) unsafe fn try_recycle<T>(p: NonNull<Inner<T>>) -> bool {
     // SAFETY: the caller holds a reference to `p`.
     let refs = unsafe { &p.as_ref().refs };
+    // Relaxed: only lock holders set or clear DRAFT, and the lock orders
+    // their accesses; readers' increments never change the bit.
     if refs.load(Ordering::Relaxed) & DRAFT != 0 {
-        // Already ours: a draft given back by a rollback.
+        // Already ours: a draft given back by a rollback (no reader could
+        // take a reference since: they back off from a draft).
         return true;
     }
     // Acquire: pairs with the Release decrement of every reader that held
