@@ -406,63 +406,70 @@ impl InMemoryContextStorage {
         }
     }
 
-    /// The uncontended acquisition: lookup and one CAS inside one table
-    /// pin, no reference count touched. `None` if the lock is busy or the
-    /// slot died (the caller takes the waiting path).
+    /// The uncontended path every writer tries first: inside one table pin,
+    /// lookup, one CAS, and `op` on the slot just locked (no reference count,
+    /// no waiter). `op` takes over the lock (it keeps or releases it).
     #[inline]
-    fn lock_fast<T: Context>(&self, id: Uuid) -> Option<Result<MemGuard<T>>> {
+    fn on_free_slot<T: Context, R>(&self, id: Uuid, op: impl FnOnce(&Slot<T>) -> R) -> Free<R> {
         let found = self.table.with::<T, _>(id, |slot| {
-            (slot.lock.try_lock() == TryLock::Acquired).then(|| self.acquired(slot, id))
+            (slot.lock.try_lock() == TryLock::Acquired).then(|| op(slot))
         });
         match found {
-            None => Some(Err(not_found::<T>(id))),
-            Some(Some(guard)) => Some(Ok(guard)),
-            Some(None) => None,
+            None => Free::Absent,
+            Some(None) => Free::Busy,
+            Some(Some(out)) => Free::Done(out),
         }
     }
 
-    /// The uncontended `update_context`: inside one table pin, lock with one
-    /// CAS, run `f` on a draft, publish and unlock (no `Arc` of the slot, no
-    /// guard). `None` (with `f` untouched) when the lock is busy or the slot
-    /// died: the caller waits on the slow path.
+    /// The uncontended acquisition. `None` if the lock is busy or the slot
+    /// died (the caller takes the waiting path).
+    #[inline]
+    fn lock_fast<T: Context>(&self, id: Uuid) -> Option<Result<MemGuard<T>>> {
+        match self.on_free_slot(id, |slot| self.acquired(slot, id)) {
+            Free::Done(guard) => Some(Ok(guard)),
+            Free::Busy => None,
+            Free::Absent => Some(Err(not_found::<T>(id))),
+        }
+    }
+
+    /// The uncontended `update_context`: run `f` on a draft, publish and
+    /// unlock inside the pin (no `Arc` of the slot, no guard). `None` (with
+    /// `f` untouched) when the lock is busy or the slot died: the caller
+    /// waits on the slow path.
     #[inline]
     fn update_now<T: Context, R, F: FnOnce(&mut T) -> R>(
         &self,
         id: Uuid,
         f: &mut Option<F>,
     ) -> Option<Result<R>> {
-        let found = self.table.with::<T, _>(id, |slot| {
-            if slot.lock.try_lock() != TryLock::Acquired {
-                return None;
-            }
+        let done = self.on_free_slot(id, |slot| {
             let f = f.take().expect("taken once");
             // SAFETY: we just acquired the lock; `update_locked` releases it.
             // The table's pin keeps the slot alive for the call.
             unsafe {
                 slot.drain_limbo(self.table.collector());
-                Some(self::guard::update_locked(slot, id, f))
+                self::guard::update_locked(slot, id, f)
             }
         });
-        match found {
-            None => Some(Err(not_found::<T>(id))),
-            Some(None) => None,
-            Some(Some(out)) => Some(Ok(out)),
+        match done {
+            Free::Done(out) => Some(Ok(out)),
+            Free::Busy => None,
+            Free::Absent => Some(Err(not_found::<T>(id))),
         }
     }
 
-    /// The uncontended `store_context`: inside one table pin, lock with one
-    /// CAS and publish (no `Arc` of the slot), or create the context.
+    /// The uncontended `store_context`: publish into the slot just locked,
+    /// or create the context.
     #[inline]
     fn store_now<T: Context>(&self, id: Uuid, value: T) -> Stored<T> {
         let mut value = Some(value);
-        let found = self.table.with::<T, _>(id, |slot| {
-            (slot.lock.try_lock() == TryLock::Acquired)
-                .then(|| self.replace_locked(slot, value.take().expect("stored once")))
+        let done = self.on_free_slot(id, |slot| {
+            self.replace_locked(slot, value.take().expect("stored once"))
         });
-        match (found, value) {
-            (Some(Some(version)), _) => Stored::Done(version),
-            (Some(None), Some(back)) => Stored::Busy(back),
-            (None, Some(value)) => match self.insert_new(id, value) {
+        match (done, value) {
+            (Free::Done(version), _) => Stored::Done(version),
+            (Free::Busy, Some(back)) => Stored::Busy(back),
+            (Free::Absent, Some(value)) => match self.insert_new(id, value) {
                 Ok(version) => Stored::Done(version),
                 Err(back) => Stored::Raced(back),
             },
@@ -470,17 +477,14 @@ impl InMemoryContextStorage {
         }
     }
 
-    /// The uncontended `delete_context`: lookup, one CAS and the unlink
-    /// inside one table pin. `None` if the lock is busy or the slot died.
+    /// The uncontended `delete_context`: the unlink inside the pin. `None`
+    /// if the lock is busy or the slot died.
     #[inline]
     fn delete_now<T: Context>(&self, id: Uuid) -> Option<Result<()>> {
-        let found = self.table.with::<T, _>(id, |slot| {
-            (slot.lock.try_lock() == TryLock::Acquired).then(|| self.unlink_locked(id, slot))
-        });
-        match found {
-            None => Some(Err(not_found::<T>(id))),
-            Some(Some(())) => Some(Ok(())),
-            Some(None) => None,
+        match self.on_free_slot(id, |slot: &Slot<T>| self.unlink_locked(id, slot)) {
+            Free::Done(()) => Some(Ok(())),
+            Free::Busy => None,
+            Free::Absent => Some(Err(not_found::<T>(id))),
         }
     }
 
@@ -669,6 +673,16 @@ impl<T: Context> Future for GetContext<'_, T> {
             .poll(cx)
             .map(|locked| locked.map(ContextGuard::from_memory))
     }
+}
+
+/// What [`InMemoryContextStorage::on_free_slot`] found.
+enum Free<R> {
+    /// The lock was free: this is what the operation returned.
+    Done(R),
+    /// Held by somebody (or the slot died under us): take the waiting path.
+    Busy,
+    /// No context of this type under the key.
+    Absent,
 }
 
 /// What the uncontended `store_context` step did.
