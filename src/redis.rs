@@ -760,35 +760,33 @@ impl RedisContextStorage {
                 .await
                 .map_err(|e| ty.backend_error(Some(id), boxed(e)))
                 .and_then(|v| parse_acquire(ty, id, &data, v));
+            // From here the lease is ours to give back until a guard owns it.
+            let pending = PendingRelease {
+                store,
+                ty,
+                id,
+                token,
+                data,
+                lock,
+                waiting,
+            };
             let reply = match reply {
                 Ok(Step::Done(mut acquired)) => {
-                    acquired.release = Some(PendingRelease {
-                        store,
-                        ty,
-                        id,
-                        token,
-                        data,
-                        lock,
-                        waiting,
-                    });
+                    acquired.release = Some(pending);
                     Ok(Step::Done(acquired))
                 }
-                Ok(step) => Ok(step),
+                Ok(step) => {
+                    // Held or missing: the script took no lease.
+                    pending.disarm();
+                    Ok(step)
+                }
                 Err(e) => {
                     // The script may have taken the lease (a reply that
                     // timed out, or one we cannot read): give it back. In
                     // the background, so that an outage does not double
                     // the time to report it; a waiter that finds the lease
                     // meanwhile is woken by the release.
-                    drop(PendingRelease {
-                        store,
-                        ty,
-                        id,
-                        token,
-                        data,
-                        lock,
-                        waiting,
-                    });
+                    drop(pending);
                     Err(e)
                 }
             };
