@@ -236,16 +236,10 @@ trait Contender<V: Value>: Send + Sync + Sized + 'static {
 
 type TokioMutex<T> = tokio::sync::Mutex<T>;
 
-/// ctxstore through its inherent API. `GUARD = false` mutates with
-/// `update_context` (the one-step path); `GUARD = true` with `get_context`,
-/// a change and `commit` (the path a step that awaits while holding the
-/// context takes).
-struct Ctxstore<V, const GUARD: bool>(InMemoryContextStorage, std::marker::PhantomData<V>);
+struct Ctxstore<V>(InMemoryContextStorage, std::marker::PhantomData<V>);
 
-type CtxstoreGuard<V> = Ctxstore<V, true>;
-
-impl<V: Value, const GUARD: bool> Contender<V> for Ctxstore<V, GUARD> {
-    const NAME: &'static str = if GUARD { "ctxstore_guard" } else { "ctxstore" };
+impl<V: Value> Contender<V> for Ctxstore<V> {
+    const NAME: &'static str = "ctxstore";
 
     fn with_capacity(n: usize) -> Self {
         Ctxstore(
@@ -259,9 +253,49 @@ impl<V: Value, const GUARD: bool> Contender<V> for Ctxstore<V, GUARD> {
     }
 
     async fn mutate(&self, id: Uuid) -> bool {
-        if !GUARD {
-            return self.0.update_context(id, V::touch).await.is_ok();
+        self.0.update_context(id, V::touch).await.is_ok()
+    }
+
+    fn mutate_blocking(&self, id: Uuid) -> bool {
+        self.0.update_context_blocking(id, V::touch).is_ok()
+    }
+
+    async fn snapshot(&self, id: Uuid) -> Option<u64> {
+        self.0.snapshot::<V>(id).ok().map(|s| s.processed())
+    }
+
+    async fn delete(&self, id: Uuid) -> bool {
+        self.0.delete_context::<V>(id).await.is_ok()
+    }
+
+    async fn hold(&self, id: Uuid, d: Duration) {
+        if let Ok(mut g) = self.0.get_context::<V>(id).await {
+            tokio::time::sleep(d).await;
+            g.touch();
+            g.commit().await.expect("commit");
         }
+    }
+}
+
+/// ctxstore through its guard: `get_context`, change, `commit` (the path a
+/// step that awaits while holding the context takes).
+struct CtxstoreGuard<V>(InMemoryContextStorage, std::marker::PhantomData<V>);
+
+impl<V: Value> Contender<V> for CtxstoreGuard<V> {
+    const NAME: &'static str = "ctxstore_guard";
+
+    fn with_capacity(n: usize) -> Self {
+        CtxstoreGuard(
+            InMemoryContextStorage::with_capacity(n),
+            std::marker::PhantomData,
+        )
+    }
+
+    async fn store(&self, id: Uuid, v: V) {
+        self.0.store_context(id, v).await.expect("store");
+    }
+
+    async fn mutate(&self, id: Uuid) -> bool {
         match self.0.get_context::<V>(id).await {
             Ok(mut g) => {
                 g.touch();
@@ -272,9 +306,6 @@ impl<V: Value, const GUARD: bool> Contender<V> for Ctxstore<V, GUARD> {
     }
 
     fn mutate_blocking(&self, id: Uuid) -> bool {
-        if !GUARD {
-            return self.0.update_context_blocking(id, V::touch).is_ok();
-        }
         match self.0.get_context_blocking::<V>(id) {
             Ok(mut g) => {
                 g.touch();
@@ -565,7 +596,7 @@ impl<V: Value> Contender<V> for RwLockMutex<V> {
 /// Calls `$f::<C, $v>($args..)` for every contender, ctxstore first.
 macro_rules! for_each_contender {
     ($v:ty, $f:ident ( $($arg:expr),* $(,)? )) => {{
-        $f::<Ctxstore<$v, false>, $v>($($arg),*);
+        $f::<Ctxstore<$v>, $v>($($arg),*);
         $f::<CtxstoreGuard<$v>, $v>($($arg),*);
         $f::<DashMutex<$v>, $v>($($arg),*);
         $f::<Scc<$v>, $v>($($arg),*);
