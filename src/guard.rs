@@ -8,7 +8,8 @@ use uuid::Uuid;
 
 use crate::context::{Context, ContextType};
 use crate::memory::{MemGuard, Shared};
-use crate::storage::{Lease, RawSnapshot};
+pub(crate) use crate::remote::RemoteGuard;
+use crate::storage::RawSnapshot;
 use crate::Result;
 
 /// A committed value and its version, as a remote backend decodes it.
@@ -62,7 +63,7 @@ impl<T: Context> ContextGuard<T> {
     pub fn version(&self) -> u64 {
         match &self.inner {
             GuardInner::Memory(g) => g.version(),
-            GuardInner::Remote(g) => g.version,
+            GuardInner::Remote(g) => g.version(),
         }
     }
 
@@ -70,7 +71,7 @@ impl<T: Context> ContextGuard<T> {
     pub fn id(&self) -> Uuid {
         match &self.inner {
             GuardInner::Memory(g) => g.id(),
-            GuardInner::Remote(g) => g.id,
+            GuardInner::Remote(g) => g.id(),
         }
     }
 
@@ -114,7 +115,7 @@ impl<T: Context> ContextGuard<T> {
     /// nothing was committed by this guard, not that the value changed.
     pub fn lease_lost(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let lost = match &self.inner {
-            GuardInner::Remote(g) => g.lease.as_ref().map(|lease| lease.lost()),
+            GuardInner::Remote(g) => g.lease_lost(),
             GuardInner::Memory(_) => None,
         };
         async move {
@@ -130,9 +131,7 @@ impl<T: Context> ContextGuard<T> {
     pub fn rollback(self) {
         match self.inner {
             GuardInner::Memory(g) => g.rollback(),
-            GuardInner::Remote(mut g) => {
-                g.dirty = false;
-            }
+            GuardInner::Remote(mut g) => g.discard(),
         }
     }
 }
@@ -144,7 +143,7 @@ impl<T: Context> Deref for ContextGuard<T> {
     fn deref(&self) -> &T {
         match &self.inner {
             GuardInner::Memory(g) => g,
-            GuardInner::Remote(g) => &g.value,
+            GuardInner::Remote(g) => g.value(),
         }
     }
 }
@@ -154,10 +153,7 @@ impl<T: Context> DerefMut for ContextGuard<T> {
     fn deref_mut(&mut self) -> &mut T {
         match &mut self.inner {
             GuardInner::Memory(g) => g,
-            GuardInner::Remote(g) => {
-                g.dirty = true;
-                &mut g.value
-            }
+            GuardInner::Remote(g) => g.value_mut(),
         }
     }
 }
@@ -169,59 +165,6 @@ impl<T: Context + fmt::Debug> fmt::Debug for ContextGuard<T> {
             .field("version", &self.version())
             .field("value", &**self)
             .finish()
-    }
-}
-
-/// The remote variant of a guard: the decoded value and the backend's lease.
-pub(crate) struct RemoteGuard<T: Context> {
-    ty: &'static ContextType,
-    id: Uuid,
-    value: T,
-    version: u64,
-    dirty: bool,
-    lease: Option<Box<dyn Lease>>,
-}
-
-impl<T: Context> RemoteGuard<T> {
-    pub(crate) fn new(
-        ty: &'static ContextType,
-        id: Uuid,
-        value: T,
-        version: u64,
-        lease: Box<dyn Lease>,
-    ) -> Self {
-        Self {
-            ty,
-            id,
-            value,
-            version,
-            dirty: false,
-            lease: Some(lease),
-        }
-    }
-
-    fn commit(mut self) -> impl std::future::Future<Output = Result<u64>> + Send + 'static {
-        let lease = self.lease.take();
-        self.dirty = false;
-        let fut = lease.map(|lease| lease.commit(&self.value));
-        let (ty, id) = (self.ty, self.id);
-        async move {
-            match fut {
-                Some(fut) => fut.await,
-                None => Err(ty.lease_lost(id)),
-            }
-        }
-    }
-}
-
-impl<T: Context> Drop for RemoteGuard<T> {
-    fn drop(&mut self) {
-        if let Some(lease) = self.lease.take() {
-            if self.dirty {
-                warn_uncommitted(self.ty.type_name(), self.id);
-            }
-            lease.release();
-        }
     }
 }
 

@@ -104,6 +104,7 @@ mod portable;
 mod postgres;
 #[cfg(feature = "redis")]
 mod redis;
+mod remote;
 #[cfg(feature = "redis")]
 pub use redis::{RedisContextStorage, RedisContextStorageBuilder};
 mod storage;
