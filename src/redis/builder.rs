@@ -1,0 +1,262 @@
+//! [`RedisContextStorageBuilder`]: options, connecting, and the checks made
+//! at connect time (settings, server durability, the wake-up subscription).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, ProtocolVersion, PushInfo, Value};
+
+use super::wait::WaitRegistry;
+use super::{Inner, RedisContextStorage};
+use crate::error::{boxed, message};
+use crate::{ContextError, Result};
+
+const DEFAULT_LEASE: Duration = Duration::from_secs(5);
+const MIN_LEASE: Duration = Duration::from_millis(10);
+
+/// Configures and connects a [`RedisContextStorage`].
+///
+/// ```no_run
+/// # async fn demo() -> ctxstore::Result<()> {
+/// use std::time::Duration;
+/// let store = ctxstore::RedisContextStorage::builder("redis://127.0.0.1:6379")
+///     .namespace("jobs")
+///     .lease(Duration::from_secs(10))
+///     .connect()
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct RedisContextStorageBuilder {
+    url: String,
+    namespace: String,
+    lease: Duration,
+    renew: Option<Duration>,
+    config: ConnectionManagerConfig,
+}
+
+impl RedisContextStorageBuilder {
+    /// The key prefix (default `ctxstore`; no glob characters, no `:`). Stores with different namespaces
+    /// on one server never see each other's contexts.
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = namespace.into();
+        self
+    }
+
+    /// How long a lease lives without renewal (default 5 s, at least 10 ms):
+    /// the longest a crashed holder can keep others waiting.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// How often a live guard renews its lease, and the slowest fallback
+    /// poll of a waiter (default: a third of the lease; must be shorter than
+    /// the lease).
+    pub fn renewal_interval(mut self, every: Duration) -> Self {
+        self.renew = Some(every);
+        self
+    }
+
+    /// How long one Redis command may take before it fails with a `Backend`
+    /// error (the driver's default is 500 ms; `None` waits forever).
+    pub fn response_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.config = self.config.set_response_timeout(timeout);
+        self
+    }
+
+    /// How long one connection attempt may take (driver default 1 s).
+    pub fn connection_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.config = self.config.set_connection_timeout(timeout);
+        self
+    }
+
+    /// Replaces the whole connection configuration (retries, backoff,
+    /// timeouts) of the `redis` crate's `ConnectionManager`.
+    pub fn connection_config(mut self, config: ConnectionManagerConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Connects (two connections: commands and the wake-up subscription).
+    /// Fails with a `Backend` error if Redis cannot be reached or the
+    /// options are invalid.
+    pub async fn connect(self) -> Result<RedisContextStorage> {
+        let lease = self.lease;
+        let renew = self.renew.unwrap_or(lease / 3);
+        if lease < MIN_LEASE || renew.is_zero() || renew >= lease {
+            return Err(setup_error(message(format!(
+                "invalid lease settings: lease {lease:?} (at least {MIN_LEASE:?}) \
+                 and renewal interval {renew:?} (non-zero, shorter than the lease)"
+            ))));
+        }
+        // No `:` either: keys are `ns:kind:id`, and a kind may contain `:`,
+        // so only a colon-free namespace keeps (namespace, kind) apart.
+        if self.namespace.is_empty() || self.namespace.contains(['*', '?', '[', ']', '\\', ':']) {
+            return Err(setup_error(message(format!(
+                "invalid namespace {:?}: it must be non-empty and free of glob characters and `:`",
+                self.namespace
+            ))));
+        }
+        let client = Client::open(self.url.as_str()).map_err(|e| setup_error(boxed(e)))?;
+        let conn = ConnectionManager::new_with_config(client.clone(), self.config.clone())
+            .await
+            .map_err(|e| setup_error(boxed(e)))?;
+
+        check_durability(conn.clone(), &self.namespace).await;
+
+        // The subscription connection speaks RESP3 so that the driver
+        // re-subscribes by itself after a reconnect.
+        let info = client.get_connection_info().clone();
+        let redis_settings = info
+            .redis_settings()
+            .clone()
+            .set_protocol(ProtocolVersion::RESP3);
+        let sub_client = Client::open(info.set_redis_settings(redis_settings))
+            .map_err(|e| setup_error(boxed(e)))?;
+        let waits = Arc::new(WaitRegistry::default());
+        let weak: Weak<WaitRegistry> = Arc::downgrade(&waits);
+        let push = move |info: PushInfo| -> std::result::Result<(), ()> {
+            match weak.upgrade() {
+                Some(waits) => {
+                    waits.on_push(info);
+                    Ok(())
+                }
+                None => Err(()),
+            }
+        };
+        let sub_config = self
+            .config
+            .clone()
+            .set_push_sender(push)
+            .set_automatic_resubscription();
+        let mut sub = ConnectionManager::new_with_config(sub_client, sub_config)
+            .await
+            .map_err(|e| setup_error(boxed(e)))?;
+        let channel = format!("{}:#wake", self.namespace);
+        sub.subscribe(&channel)
+            .await
+            .map_err(|e| setup_error(boxed(e)))?;
+
+        let inner = Arc::new(Inner {
+            conn,
+            sub,
+            floor_key: format!("{}:#floor", self.namespace),
+            namespace: self.namespace,
+            channel,
+            lease_ms: lease.as_millis().max(1) as u64,
+            renew,
+            waits,
+            runtime: tokio::runtime::Handle::current(),
+        });
+        inner
+            .runtime
+            .spawn(watch_subscription(Arc::downgrade(&inner), renew));
+        Ok(RedisContextStorage { inner })
+    }
+}
+
+/// Warns (`tracing::warn!`) when the server's settings can lose the store's
+/// keys: an `allkeys-*` eviction policy (values, versions and the version
+/// floor can be evicted, after which versions repeat), or no persistence
+/// at all (a restart forgets everything). Servers that refuse `CONFIG GET`
+/// (managed services) are not checked.
+async fn check_durability(mut conn: ConnectionManager, namespace: &str) {
+    let config: redis::RedisResult<HashMap<String, String>> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory*")
+        .query_async(&mut conn)
+        .await;
+    let persistence: redis::RedisResult<HashMap<String, String>> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("appendonly")
+        .query_async(&mut conn)
+        .await;
+    let save: redis::RedisResult<HashMap<String, String>> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("save")
+        .query_async(&mut conn)
+        .await;
+    let (config, aof, save) = match (config, persistence, save) {
+        (Ok(c), Ok(a), Ok(s)) => (c, a, s),
+        (Err(e), ..) | (_, Err(e), _) | (.., Err(e)) => {
+            tracing::debug!(error = %e, "cannot read the Redis configuration; durability not checked");
+            return;
+        }
+    };
+    let policy = config.get("maxmemory-policy").map_or("", String::as_str);
+    if let Some(warning) = eviction_warning(policy, config.get("maxmemory").map(String::as_str)) {
+        tracing::warn!(namespace, maxmemory_policy = policy, "{warning}");
+    }
+    let aof_on = aof.get("appendonly").is_some_and(|v| v == "yes");
+    let rdb_on = save.get("save").is_some_and(|v| !v.trim().is_empty());
+    if !aof_on && !rdb_on {
+        tracing::warn!(
+            namespace,
+            "Redis has no persistence (appendonly no, save \"\"): a restart loses every \
+             context and the version floor, after which versions repeat. Enable AOF \
+             (appendonly yes, appendfsync everysec or always) or RDB snapshots; see the \
+             README's Redis durability notes"
+        );
+    }
+}
+
+/// The warning for an eviction policy that can evict the store's keys.
+fn eviction_warning(policy: &str, maxmemory: Option<&str>) -> Option<String> {
+    if policy.starts_with("allkeys-") {
+        Some(format!(
+            "Redis maxmemory-policy is {policy} (maxmemory {}): under memory pressure it can \
+             evict contexts and the version floor, losing committed values and letting \
+             versions repeat. Use maxmemory-policy noeviction for a ctxstore server",
+            maxmemory.unwrap_or("?")
+        ))
+    } else {
+        None
+    }
+}
+
+/// Keeps the wake-up subscription alive. The driver reconnects (and
+/// re-subscribes) when it sees the connection drop, but if Redis stays away
+/// longer than its retries, only a command on the connection makes it try
+/// again; nothing else is ever sent on it, so ping it. Ends with the store.
+async fn watch_subscription(inner: Weak<Inner>, renew: Duration) {
+    let every = renew.min(Duration::from_secs(1));
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(mut sub) = inner.upgrade().map(|i| i.sub.clone()) else {
+            return;
+        };
+        if let Err(e) = redis::cmd("PING").query_async::<Value>(&mut sub).await {
+            tracing::debug!(error = %e, "wake-up subscription is down; reconnecting");
+        }
+    }
+}
+
+fn setup_error(source: crate::BoxError) -> ContextError {
+    ContextError::Backend {
+        kind: "redis",
+        type_name: "RedisContextStorage",
+        id: None,
+        source,
+    }
+}
+
+impl RedisContextStorage {
+    /// Connects with the default options (namespace `ctxstore`, 5 s lease).
+    pub async fn connect(url: impl Into<String>) -> Result<Self> {
+        Self::builder(url).connect().await
+    }
+
+    /// A builder for namespace, lease and connection options.
+    pub fn builder(url: impl Into<String>) -> RedisContextStorageBuilder {
+        RedisContextStorageBuilder {
+            url: url.into(),
+            namespace: "ctxstore".to_owned(),
+            lease: DEFAULT_LEASE,
+            renew: None,
+            config: ConnectionManagerConfig::new(),
+        }
+    }
+}
