@@ -1,0 +1,504 @@
+//! The PostgreSQL backend (cargo feature `postgres`): durable contexts, one
+//! row per context, exclusive access through row locks.
+//!
+//! # Protocol
+//!
+//! * **Table** `(kind text, id uuid, version bigint, value jsonb,
+//!   updated_at timestamptz, primary key (kind, id))`, plus a sequence
+//!   `<table>_version_seq` that every version is drawn from.
+//! * **Guard** (`get_context`): a pooled connection runs `BEGIN` and
+//!   `SELECT version, value::text … FOR UPDATE` (pipelined: one round trip)
+//!   and keeps the transaction open for as long as the guard lives.
+//! * **Commit**: `UPDATE … SET value, version = nextval(seq) … WHERE version
+//!   = <read version> RETURNING version` + `COMMIT` (pipelined: one round
+//!   trip). **Drop / rollback**: `ROLLBACK`, spawned so that dropping never
+//!   blocks; the connection goes back to the pool only once the rollback
+//!   succeeded, and is closed otherwise.
+//! * `try_get_context` uses `FOR UPDATE NOWAIT` (`WouldBlock`);
+//!   `get_context_timeout` uses `SET LOCAL lock_timeout` (`Timeout`).
+//! * **Snapshots** are a plain autocommit `SELECT`: MVCC never makes a reader
+//!   wait for a row lock. They (and `contains`, ids) take a free connection
+//!   of the main pool if there is one, else one of a small separate read
+//!   pool, so they never wait for guards to give a connection back.
+//! * **Local gate**: guards, stores and deletes first pass a per-process
+//!   per-key FIFO gate, so tasks of one process waiting for the same key
+//!   queue in memory, not in `SELECT … FOR UPDATE` on pooled connections
+//!   (which could exhaust, and deadlock, the pool). `try_get_context` and
+//!   `get_context_timeout` bound the gate and the pool wait too.
+//! * **Timeouts**: connect (TCP, startup, auth), pool wait, and a
+//!   client-side response timeout on every round trip that does not wait
+//!   for a lock holder (commit included: the lock's transaction turns the
+//!   statement timeout off to wait, and the commit turns it back on).
+//!   Identifiers are quoted (a table may be named `user`), and URL
+//!   `options` are kept (the statement timeout is appended to them).
+//! * A process that dies while holding a guard closes its socket; Postgres
+//!   aborts its transaction and the row lock passes to the next waiter.
+//!
+//! # Versions
+//!
+//! Versions are drawn from the table's sequence, and always *after* the
+//! drawing transaction holds the row lock (a store that creates the row
+//! inserts it first, then draws with an `UPDATE` of its own, still
+//! uncommitted row). Every version an earlier incarnation of the key ever
+//! had was drawn by a transaction that committed before that lock was
+//! granted, so versions strictly increase per key, also across delete and
+//! re-create, without keeping tombstones. The sequence must keep the
+//! default `CACHE 1` (a per-session cache would break the ordering).
+//!
+//! # Cancellation
+//!
+//! A connection that is dropped with a transaction open or a request in
+//! flight (a cancelled `get_context`, a guard dropped outside any runtime)
+//! is never returned to the pool: its running statement is cancelled and
+//! the connection closed, which makes Postgres release whatever it held.
+
+mod builder;
+mod conn;
+mod lease;
+mod schema;
+mod sql;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use deadpool_postgres::Pool;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use uuid::Uuid;
+
+pub use builder::PostgresContextStorageBuilder;
+use conn::{bounded, in_order, no_reply, pg, ClientTimeouts};
+use lease::PgLease;
+use sql::{json_text, row_version, Sql};
+
+use crate::context::ContextType;
+use crate::storage::{BoxFuture, ContextStorage, ErasedValue, RawGuard, RawSnapshot, Wait};
+use crate::Result;
+
+/// Contexts stored in PostgreSQL, locked with row locks.
+///
+/// Cheap to clone (an `Arc`); every clone shares one connection pool. A
+/// held [`ContextGuard`](crate::ContextGuard) owns one pooled connection
+/// (with its transaction open) until it is committed or dropped, so the
+/// pool size bounds how many guards one store can hold at once; a task that
+/// holds `pool_size` guards and asks for another waits for itself, until
+/// the pool wait timeout (default 30 s) fails it with a `Backend` error.
+/// Tasks waiting for a key held in this process queue on a per-key gate
+/// and hold no connection; snapshots use a free connection or a small
+/// separate read pool, so they never wait for guards.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), ctxstore::ContextError> {
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use ctxstore::{ContextStorage, PostgresContextStorage};
+///
+/// let store = PostgresContextStorage::builder("postgres://postgres@127.0.0.1/app")
+///     .table("job_contexts")
+///     .pool_size(32)
+///     .statement_timeout(Duration::from_secs(10))
+///     .connect()
+///     .await?;
+/// let store: Arc<dyn ContextStorage> = Arc::new(store);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct PostgresContextStorage {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Guards, stores, deletes; and reads when it has a connection free.
+    pool: Pool,
+    /// Reads (snapshots, `contains`, ids) when `pool` has none free, so that
+    /// they never queue behind guards for a connection.
+    read_pool: Pool,
+    table: String,
+    sql: Sql,
+    // Where releases are spawned when the dropping thread is not inside a
+    // runtime (a guard dropped on a plain thread).
+    handle: tokio::runtime::Handle,
+    /// The per-process per-key FIFO gate: tasks of this process that want
+    /// the same key queue here, not on pooled connections.
+    gates: Arc<Gates>,
+    timeouts: ClientTimeouts,
+}
+
+/// A key of the gate: (kind, id).
+type GateKey = (&'static str, Uuid);
+
+/// One key's FIFO queue (tokio's mutex is fair) and its live tickets.
+type GateEntry = (Arc<tokio::sync::Mutex<()>>, usize);
+
+/// The per-key FIFO gates of one store.
+#[derive(Default)]
+struct Gates {
+    // Invariant: an entry exists while at least one `GateTicket` for it
+    // lives; the count is the number of live tickets.
+    keys: Mutex<HashMap<GateKey, GateEntry>>,
+}
+
+/// A registration in a key's gate (held while queued and while passed).
+struct GateTicket {
+    gates: Arc<Gates>,
+    key: GateKey,
+}
+
+impl Drop for GateTicket {
+    fn drop(&mut self) {
+        let mut keys = self.gates.keys.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = keys.get_mut(&self.key) {
+            entry.1 -= 1;
+            if entry.1 == 0 {
+                keys.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// A passed gate: the next task of this process for the key waits until
+/// this is dropped.
+struct Gate {
+    // Field order matters: the lock is released before the ticket goes.
+    _pass: tokio::sync::OwnedMutexGuard<()>,
+    _ticket: GateTicket,
+}
+
+impl Gates {
+    async fn pass(
+        self: &Arc<Self>,
+        ty: &'static ContextType,
+        id: Uuid,
+        wait: Wait,
+    ) -> Result<Gate> {
+        let key = (ty.kind(), id);
+        let gate = {
+            let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = keys
+                .entry(key)
+                .or_insert_with(|| (Arc::new(tokio::sync::Mutex::new(())), 0));
+            entry.1 += 1;
+            entry.0.clone()
+        };
+        let ticket = GateTicket {
+            gates: self.clone(),
+            key,
+        };
+        let pass = match wait {
+            Wait::Never => gate.try_lock_owned().map_err(|_| ty.would_block(id))?,
+            Wait::Forever => gate.lock_owned().await,
+            // `timeout_at` polls the lock first: a free gate is passed
+            // even when the deadline is already over.
+            Wait::Until(deadline, asked) => {
+                tokio::time::timeout_at(deadline.into(), gate.lock_owned())
+                    .await
+                    .map_err(|_| ty.timeout(id, asked))?
+            }
+        };
+        Ok(Gate {
+            _pass: pass,
+            _ticket: ticket,
+        })
+    }
+}
+
+impl fmt::Debug for PostgresContextStorage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let status = self.inner.pool.status();
+        f.debug_struct("PostgresContextStorage")
+            .field("table", &self.inner.table)
+            .field("pool_size", &status.max_size)
+            .field("connections", &status.size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresContextStorage {
+    /// The table this store uses.
+    pub fn table(&self) -> &str {
+        &self.inner.table
+    }
+
+    async fn lock(&self, ty: &'static ContextType, id: Uuid, wait: Wait) -> Result<RawGuard> {
+        let sql = &self.inner.sql;
+        // Queue in the process first: only one task per key and process
+        // asks Postgres (and holds a connection) at a time.
+        let gate = self.inner.gates.pass(ty, id, wait).await?;
+        let mut conn = self.conn(ty, Some(id), wait).await?;
+        let (begin, query) = match wait {
+            Wait::Forever => (
+                "BEGIN; SET LOCAL statement_timeout = 0".to_owned(),
+                &sql.lock,
+            ),
+            Wait::Never => ("BEGIN".to_owned(), &sql.lock_nowait),
+            Wait::Until(deadline, _) => {
+                // lock_timeout is in whole milliseconds and 0 means "none":
+                // round up, and use NOWAIT once the deadline has passed.
+                let left = deadline.saturating_duration_since(Instant::now());
+                let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128);
+                if ms == 0 {
+                    ("BEGIN".to_owned(), &sql.lock_nowait)
+                } else {
+                    (
+                        format!(
+                            "BEGIN; SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = {ms}"
+                        ),
+                        &sql.lock,
+                    )
+                }
+            }
+        };
+        let client = conn.client();
+        let stmt = self
+            .bounded(ty, Some(id), "prepare", client.prepare_cached(query))
+            .await?
+            .map_err(|e| ty.backend_error(Some(id), pg(e)))?;
+        let kind = ty.kind();
+        let params: [&(dyn ToSql + Sync); 2] = [&kind, &id];
+        let round_trip = in_order(
+            client.batch_execute(&begin),
+            client.query_opt(&stmt, &params),
+        );
+        // Waiting for a holder is bounded by `wait` alone; a NOWAIT lock is
+        // one plain round trip.
+        let (began, row) = match wait {
+            Wait::Forever => round_trip.await,
+            Wait::Never => self.bounded(ty, Some(id), "lock", round_trip).await?,
+            Wait::Until(deadline, _) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let limit = self.inner.timeouts.response.map(|r| r.saturating_add(left));
+                bounded(limit, round_trip)
+                    .await
+                    .map_err(|limit| no_reply(ty, Some(id), "lock", limit))?
+            }
+        };
+        let row = match (began, row) {
+            (Ok(()), Ok(Some(row))) => row,
+            (Ok(()), Ok(None)) => {
+                conn.rollback().await;
+                return Err(ty.not_found(id));
+            }
+            (Ok(()), Err(e)) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+                conn.rollback().await;
+                return Err(match wait {
+                    Wait::Until(_, asked) => ty.timeout(id, asked),
+                    Wait::Never | Wait::Forever => ty.would_block(id),
+                });
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                conn.rollback().await;
+                return Err(ty.backend_error(Some(id), pg(e)));
+            }
+        };
+        let version = row_version(ty, id, &row)?;
+        let text: &str = row
+            .try_get(1)
+            .map_err(|e| ty.backend_error(Some(id), pg(e)))?;
+        let value = match ty.decode(Some(id), text.as_bytes()) {
+            Ok(value) => value,
+            Err(e) => {
+                conn.rollback().await;
+                return Err(e);
+            }
+        };
+        Ok(RawGuard::Remote {
+            value,
+            version,
+            lease: Box::new(PgLease {
+                store: self.inner.clone(),
+                ty,
+                id,
+                version,
+                conn,
+                gate: Some(gate),
+            }),
+        })
+    }
+
+    async fn store(&self, ty: &'static ContextType, id: Uuid, value: ErasedValue) -> Result<u64> {
+        let bytes = ty.encode(Some(id), &*value)?;
+        let json = json_text(ty, id, &bytes)?;
+        let sql = &self.inner.sql;
+        let kind = ty.kind();
+        let _gate = self.inner.gates.pass(ty, id, Wait::Forever).await?;
+        loop {
+            let mut conn = self.conn(ty, Some(id), Wait::Forever).await?;
+            let client = conn.client();
+            let err = |e| ty.backend_error(Some(id), pg(e));
+            let (insert, update) = self
+                .bounded(
+                    ty,
+                    Some(id),
+                    "prepare",
+                    in_order(
+                        client.prepare_cached(&sql.insert),
+                        client.prepare_cached(&sql.update),
+                    ),
+                )
+                .await?;
+            let (insert, update) = (insert.map_err(err)?, update.map_err(err)?);
+            // One round trip. The INSERT creates the row if missing (with a
+            // placeholder version nobody else can see) and does not wait for
+            // a holder; the UPDATE then takes the row lock, waiting for a
+            // holder, and only then draws the version.
+            let params: [&(dyn ToSql + Sync); 3] = [&kind, &id, &json];
+            let (began, (inserted, (updated, committed))) = in_order(
+                client.batch_execute("BEGIN; SET LOCAL statement_timeout = 0"),
+                in_order(
+                    client.execute(&insert, &params),
+                    in_order(
+                        client.query_opt(&update, &params),
+                        client.batch_execute("COMMIT"),
+                    ),
+                ),
+            )
+            .await;
+            let committed_ok = committed.is_ok();
+            match (began, inserted, updated, committed) {
+                (Ok(()), Ok(_), Ok(Some(row)), Ok(())) => {
+                    conn.clean = true;
+                    return row_version(ty, id, &row);
+                }
+                // The row existed at the INSERT and was deleted before the
+                // UPDATE could lock it: nothing was written; go again.
+                (Ok(()), Ok(_), Ok(None), Ok(())) => conn.clean = true,
+                (Err(e), ..) | (_, Err(e), ..) | (.., Err(e), _) => {
+                    // COMMIT of an aborted transaction rolls back: the
+                    // connection is clean if it answered.
+                    conn.clean = committed_ok;
+                    return Err(err(e));
+                }
+                (.., Err(e)) => return Err(err(e)),
+            }
+        }
+    }
+
+    async fn snapshot(&self, ty: &'static ContextType, id: Uuid) -> Result<RawSnapshot> {
+        let mut conn = self.read_conn(ty, Some(id)).await?;
+        let client = conn.client();
+        let err = |e| ty.backend_error(Some(id), pg(e));
+        let row = self
+            .bounded(ty, Some(id), "snapshot", async {
+                let stmt = client.prepare_cached(&self.inner.sql.snapshot).await?;
+                client.query_opt(&stmt, &[&ty.kind(), &id]).await
+            })
+            .await?
+            .map_err(err)?;
+        conn.clean = true;
+        let Some(row) = row else {
+            return Err(ty.not_found(id));
+        };
+        let version = row_version(ty, id, &row)?;
+        let text: &str = row.try_get(1).map_err(err)?;
+        ty.decode_snapshot(id, text.as_bytes(), version)
+    }
+
+    async fn delete(&self, ty: &'static ContextType, id: Uuid) -> Result<()> {
+        let _gate = self.inner.gates.pass(ty, id, Wait::Forever).await?;
+        let mut conn = self.conn(ty, Some(id), Wait::Forever).await?;
+        let client = conn.client();
+        let err = |e| ty.backend_error(Some(id), pg(e));
+        let stmt = self
+            .bounded(
+                ty,
+                Some(id),
+                "prepare",
+                client.prepare_cached(&self.inner.sql.delete),
+            )
+            .await?
+            .map_err(err)?;
+        // The DELETE waits for a holder's row lock (statement timeout off).
+        let kind = ty.kind();
+        let params: [&(dyn ToSql + Sync); 2] = [&kind, &id];
+        let (began, (deleted, committed)) = in_order(
+            client.batch_execute("BEGIN; SET LOCAL statement_timeout = 0"),
+            in_order(
+                client.execute(&stmt, &params),
+                client.batch_execute("COMMIT"),
+            ),
+        )
+        .await;
+        conn.clean = committed.is_ok();
+        match (began, deleted, committed) {
+            (Ok(()), Ok(0), Ok(())) => Err(ty.not_found(id)),
+            (Ok(()), Ok(_), Ok(())) => Ok(()),
+            (Err(e), ..) | (_, Err(e), _) | (.., Err(e)) => Err(err(e)),
+        }
+    }
+
+    async fn contains(&self, ty: &'static ContextType, id: Uuid) -> Result<bool> {
+        let mut conn = self.read_conn(ty, Some(id)).await?;
+        let client = conn.client();
+        let err = |e| ty.backend_error(Some(id), pg(e));
+        let row = self
+            .bounded(ty, Some(id), "contains", async {
+                let stmt = client.prepare_cached(&self.inner.sql.contains).await?;
+                client.query_one(&stmt, &[&ty.kind(), &id]).await
+            })
+            .await?
+            .map_err(err)?;
+        conn.clean = true;
+        row.try_get(0).map_err(err)
+    }
+
+    async fn ids(&self, ty: &'static ContextType) -> Result<Vec<Uuid>> {
+        let mut conn = self.read_conn(ty, None).await?;
+        let client = conn.client();
+        let err = |e| ty.backend_error(None, pg(e));
+        let rows = self
+            .bounded(ty, None, "ids", async {
+                let stmt = client.prepare_cached(&self.inner.sql.ids).await?;
+                client.query(&stmt, &[&ty.kind()]).await
+            })
+            .await?
+            .map_err(err)?;
+        conn.clean = true;
+        rows.iter().map(|r| r.try_get(0).map_err(err)).collect()
+    }
+}
+
+impl ContextStorage for PostgresContextStorage {
+    fn store_raw(
+        &self,
+        ty: &'static ContextType,
+        id: Uuid,
+        value: ErasedValue,
+    ) -> BoxFuture<'_, Result<u64>> {
+        Box::pin(self.store(ty, id, value))
+    }
+
+    fn lock_raw(
+        &self,
+        ty: &'static ContextType,
+        id: Uuid,
+        wait: Wait,
+    ) -> BoxFuture<'_, Result<RawGuard>> {
+        Box::pin(self.lock(ty, id, wait))
+    }
+
+    fn snapshot_raw(
+        &self,
+        ty: &'static ContextType,
+        id: Uuid,
+    ) -> BoxFuture<'_, Result<RawSnapshot>> {
+        Box::pin(self.snapshot(ty, id))
+    }
+
+    fn delete_raw(&self, ty: &'static ContextType, id: Uuid) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.delete(ty, id))
+    }
+
+    fn contains_raw(&self, ty: &'static ContextType, id: Uuid) -> BoxFuture<'_, Result<bool>> {
+        Box::pin(self.contains(ty, id))
+    }
+
+    fn ids_raw(&self, ty: &'static ContextType) -> BoxFuture<'_, Result<Vec<Uuid>>> {
+        Box::pin(self.ids(ty))
+    }
+
+    fn backend_name(&self) -> &'static str {
+        "postgres"
+    }
+}
