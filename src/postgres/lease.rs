@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use super::conn::{bounded, in_order, no_reply, pg, spawn, Conn};
 use super::sql::{json_text, row_version};
-use super::{Gate, Inner};
+use super::{Inner, PgGate};
 use crate::context::ContextType;
 use crate::error::{boxed, message};
 use crate::storage::{BoxFuture, Lease};
@@ -23,7 +23,7 @@ pub(super) struct PgLease {
     pub(super) id: Uuid,
     pub(super) version: u64,
     pub(super) conn: Conn,
-    pub(super) gate: Option<Gate>,
+    pub(super) gate: Option<PgGate>,
 }
 
 impl PgLease {

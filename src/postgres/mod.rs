@@ -58,9 +58,8 @@ mod lease;
 mod schema;
 mod sql;
 
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use deadpool_postgres::Pool;
@@ -74,6 +73,7 @@ use lease::PgLease;
 use sql::{json_text, row_version, Sql};
 
 use crate::context::ContextType;
+use crate::remote::{Gate, Gates};
 use crate::storage::{BoxFuture, ContextStorage, ErasedValue, RawGuard, RawSnapshot, Wait};
 use crate::Result;
 
@@ -122,87 +122,16 @@ struct Inner {
     handle: tokio::runtime::Handle,
     /// The per-process per-key FIFO gate: tasks of this process that want
     /// the same key queue here, not on pooled connections.
-    gates: Arc<Gates>,
+    gates: Arc<PgGates>,
     timeouts: ClientTimeouts,
 }
 
-/// A key of the gate: (kind, id).
-type GateKey = (&'static str, Uuid);
+/// The per-process per-key FIFO gates of one store (the shared gate of
+/// `crate::remote`), keyed by (kind, id).
+type PgGates = Gates<(&'static str, Uuid)>;
 
-/// One key's FIFO queue (tokio's mutex is fair) and its live tickets.
-type GateEntry = (Arc<tokio::sync::Mutex<()>>, usize);
-
-/// The per-key FIFO gates of one store.
-#[derive(Default)]
-struct Gates {
-    // Invariant: an entry exists while at least one `GateTicket` for it
-    // lives; the count is the number of live tickets.
-    keys: Mutex<HashMap<GateKey, GateEntry>>,
-}
-
-/// A registration in a key's gate (held while queued and while passed).
-struct GateTicket {
-    gates: Arc<Gates>,
-    key: GateKey,
-}
-
-impl Drop for GateTicket {
-    fn drop(&mut self) {
-        let mut keys = self.gates.keys.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(entry) = keys.get_mut(&self.key) {
-            entry.1 -= 1;
-            if entry.1 == 0 {
-                keys.remove(&self.key);
-            }
-        }
-    }
-}
-
-/// A passed gate: the next task of this process for the key waits until
-/// this is dropped.
-struct Gate {
-    // Field order matters: the lock is released before the ticket goes.
-    _pass: tokio::sync::OwnedMutexGuard<()>,
-    _ticket: GateTicket,
-}
-
-impl Gates {
-    async fn pass(
-        self: &Arc<Self>,
-        ty: &'static ContextType,
-        id: Uuid,
-        wait: Wait,
-    ) -> Result<Gate> {
-        let key = (ty.kind(), id);
-        let gate = {
-            let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-            let entry = keys
-                .entry(key)
-                .or_insert_with(|| (Arc::new(tokio::sync::Mutex::new(())), 0));
-            entry.1 += 1;
-            entry.0.clone()
-        };
-        let ticket = GateTicket {
-            gates: self.clone(),
-            key,
-        };
-        let pass = match wait {
-            Wait::Never => gate.try_lock_owned().map_err(|_| ty.would_block(id))?,
-            Wait::Forever => gate.lock_owned().await,
-            // `timeout_at` polls the lock first: a free gate is passed
-            // even when the deadline is already over.
-            Wait::Until(deadline, asked) => {
-                tokio::time::timeout_at(deadline.into(), gate.lock_owned())
-                    .await
-                    .map_err(|_| ty.timeout(id, asked))?
-            }
-        };
-        Ok(Gate {
-            _pass: pass,
-            _ticket: ticket,
-        })
-    }
-}
+/// A passed gate of this store, held by a lease until its transaction ended.
+pub(super) type PgGate = Gate<(&'static str, Uuid)>;
 
 impl fmt::Debug for PostgresContextStorage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -221,11 +150,17 @@ impl PostgresContextStorage {
         &self.inner.table
     }
 
+    /// Passes the key's local gate, waiting as `wait` allows.
+    async fn pass_gate(&self, ty: &'static ContextType, id: Uuid, wait: Wait) -> Result<PgGate> {
+        let ticket = self.inner.gates.register((ty.kind(), id));
+        ticket.pass(ty, id, wait).await
+    }
+
     async fn lock(&self, ty: &'static ContextType, id: Uuid, wait: Wait) -> Result<RawGuard> {
         let sql = &self.inner.sql;
         // Queue in the process first: only one task per key and process
         // asks Postgres (and holds a connection) at a time.
-        let gate = self.inner.gates.pass(ty, id, wait).await?;
+        let gate = self.pass_gate(ty, id, wait).await?;
         let mut conn = self.conn(ty, Some(id), wait).await?;
         let (begin, query) = match wait {
             Wait::Forever => (
@@ -322,7 +257,7 @@ impl PostgresContextStorage {
         let json = json_text(ty, id, &bytes)?;
         let sql = &self.inner.sql;
         let kind = ty.kind();
-        let _gate = self.inner.gates.pass(ty, id, Wait::Forever).await?;
+        let _gate = self.pass_gate(ty, id, Wait::Forever).await?;
         loop {
             let mut conn = self.conn(ty, Some(id), Wait::Forever).await?;
             let client = conn.client();
@@ -396,7 +331,7 @@ impl PostgresContextStorage {
     }
 
     async fn delete(&self, ty: &'static ContextType, id: Uuid) -> Result<()> {
-        let _gate = self.inner.gates.pass(ty, id, Wait::Forever).await?;
+        let _gate = self.pass_gate(ty, id, Wait::Forever).await?;
         let mut conn = self.conn(ty, Some(id), Wait::Forever).await?;
         let client = conn.client();
         let err = |e| ty.backend_error(Some(id), pg(e));

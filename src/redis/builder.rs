@@ -8,7 +8,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, ProtocolVersion, PushInfo, Value};
 
-use super::wait::WaitRegistry;
+use super::wait::{on_push, WaitRegistry};
 use super::{Inner, RedisContextStorage};
 use crate::error::{boxed, message};
 use crate::{ContextError, Result};
@@ -121,7 +121,7 @@ impl RedisContextStorageBuilder {
         let push = move |info: PushInfo| -> std::result::Result<(), ()> {
             match weak.upgrade() {
                 Some(waits) => {
-                    waits.on_push(info);
+                    on_push(&waits, info);
                     Ok(())
                 }
                 None => Err(()),

@@ -6,13 +6,13 @@ use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use redis::Value;
-use tokio::sync::{oneshot, OwnedMutexGuard};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use super::reply::{bad_reply, corrupt, parse_acquire, reply_items, version_of};
 use super::scripts::{ACQUIRE, COMMIT, RELEASE, RENEW};
-use super::wait::KeyHandle;
+use super::wait::KeyGate;
 use super::{Acquired, Inner, Keys, RedisContextStorage, Step};
 use crate::context::ContextType;
 use crate::error::{boxed, message};
@@ -222,8 +222,8 @@ pub(super) struct RedisLease {
     renewal: Option<JoinHandle<()>>,
     /// Set by the renewal task once the lease is certainly lost.
     lost: tokio::sync::watch::Receiver<bool>,
-    /// The local gate and registration, handed back once Redis released.
-    held: Option<(KeyHandle, OwnedMutexGuard<()>)>,
+    /// The key's local gate, passed on once Redis released.
+    held: Option<KeyGate>,
 }
 
 impl RedisLease {
@@ -235,7 +235,7 @@ impl RedisLease {
         version: u64,
         token: String,
         keys: Keys,
-        held: (KeyHandle, OwnedMutexGuard<()>),
+        held: KeyGate,
     ) -> Self {
         let (lost_tx, lost) = tokio::sync::watch::channel(false);
         let renewal = store.runtime.spawn(renew_loop(

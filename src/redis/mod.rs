@@ -196,7 +196,7 @@ impl ContextStorage for RedisContextStorage {
             let bytes = ty.encode(Some(id), &*value)?;
             let keys = self.keys(ty, id);
             let mark_ms = self.mark_ms();
-            let (version, _handle, _gate) = self
+            let (version, _gate) = self
                 .with_wait(ty, id, &keys.data, Wait::Forever, |_| {
                     let mut conn = self.inner.conn.clone();
                     let keys = &keys;
@@ -237,7 +237,7 @@ impl ContextStorage for RedisContextStorage {
         Box::pin(async move {
             let keys = self.keys(ty, id);
             let token = new_token();
-            let (mut acquired, handle, gate) = self
+            let (mut acquired, gate) = self
                 .with_wait(ty, id, &keys.data, wait, |mark| {
                     self.try_acquire(ty, id, &keys, &token, mark)
                 })
@@ -250,7 +250,7 @@ impl ContextStorage for RedisContextStorage {
                 acquired.version,
                 token,
                 keys,
-                (handle, gate),
+                gate,
             );
             if let Some(pending) = acquired.release.take() {
                 pending.disarm();

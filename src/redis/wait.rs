@@ -1,96 +1,42 @@
 //! Waiting for a key: the local FIFO gate and wake-up per key, and the
 //! retry loop around a script that finds the key held.
 
-use std::collections::HashMap;
 use std::pin::pin;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::{PushInfo, PushKind, Value};
-use tokio::sync::{Notify, OwnedMutexGuard};
+use tokio::sync::Notify;
 use uuid::Uuid;
 
 use super::{RedisContextStorage, Step};
 use crate::context::ContextType;
+use crate::remote::{Gate, Gates};
 use crate::storage::Wait;
 use crate::Result;
 
-// ---------------------------------------------------------------------------
-// Local wait registry: one FIFO gate and one wake-up per key in use.
+/// The store's per-key gates (the shared FIFO gate of `crate::remote`),
+/// keyed by data key, each with the key's wake-up beside it: notified when
+/// the key's lease is released (pub/sub) or the subscription connection
+/// dropped (a release may have been missed).
+pub(super) type WaitRegistry = Gates<String, Notify>;
 
-#[derive(Default)]
-pub(super) struct WaitRegistry {
-    // Invariant: an entry exists while at least one KeyHandle for it lives;
-    // the count is the number of live handles.
-    keys: Mutex<HashMap<String, (Arc<KeyState>, usize)>>,
-}
+/// A passed gate of this store, held by a lease until Redis released it.
+pub(super) type KeyGate = Gate<String, Notify>;
 
-struct KeyState {
-    /// Local FIFO queue: one task per process talks to Redis about a key.
-    gate: Arc<tokio::sync::Mutex<()>>,
-    /// Woken when the key's lease is released (pub/sub) or the subscription
-    /// connection dropped (a release may have been missed).
-    wake: Notify,
-}
-
-impl WaitRegistry {
-    pub(super) fn register(self: &Arc<Self>, key: &str) -> KeyHandle {
-        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = keys.entry(key.to_owned()).or_insert_with(|| {
-            (
-                Arc::new(KeyState {
-                    gate: Arc::new(tokio::sync::Mutex::new(())),
-                    wake: Notify::new(),
-                }),
-                0,
-            )
-        });
-        entry.1 += 1;
-        KeyHandle {
-            registry: self.clone(),
-            key: key.to_owned(),
-            state: entry.0.clone(),
-        }
-    }
-
-    pub(super) fn on_push(&self, info: PushInfo) {
-        let keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
-        match info.kind {
-            PushKind::Message => {
-                // data = [channel, payload]
-                if let Some(Value::BulkString(key)) = info.data.get(1) {
-                    if let Some((state, _)) =
-                        std::str::from_utf8(key).ok().and_then(|k| keys.get(k))
-                    {
-                        state.wake.notify_waiters();
-                    }
+/// Wakes the waiters a push message concerns: those of the key a release
+/// was published for, or every waiter when the subscription dropped.
+pub(super) fn on_push(waits: &WaitRegistry, info: PushInfo) {
+    match info.kind {
+        PushKind::Message => {
+            // data = [channel, payload]
+            if let Some(Value::BulkString(key)) = info.data.get(1) {
+                if let Ok(key) = std::str::from_utf8(key) {
+                    waits.with_state(key, Notify::notify_waiters);
                 }
             }
-            PushKind::Disconnection => {
-                for (state, _) in keys.values() {
-                    state.wake.notify_waiters();
-                }
-            }
-            _ => {}
         }
-    }
-}
-
-pub(super) struct KeyHandle {
-    registry: Arc<WaitRegistry>,
-    key: String,
-    state: Arc<KeyState>,
-}
-
-impl Drop for KeyHandle {
-    fn drop(&mut self) {
-        let mut keys = self.registry.keys.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(entry) = keys.get_mut(&self.key) {
-            entry.1 -= 1;
-            if entry.1 == 0 {
-                keys.remove(&self.key);
-            }
-        }
+        PushKind::Disconnection => waits.for_each_state(Notify::notify_waiters),
+        _ => {}
     }
 }
 
@@ -104,30 +50,21 @@ impl RedisContextStorage {
         data_key: &str,
         wait: Wait,
         mut attempt: F,
-    ) -> Result<(R, KeyHandle, OwnedMutexGuard<()>)>
+    ) -> Result<(R, KeyGate)>
     where
         F: FnMut(bool) -> Fut,
         Fut: std::future::Future<Output = Result<Step<R>>>,
     {
-        let handle = self.inner.waits.register(data_key);
-        let state = handle.state.clone();
-        let gate = state.gate.clone();
-        let gate = match wait {
-            Wait::Never => gate.try_lock_owned().map_err(|_| ty.would_block(id))?,
-            Wait::Forever => gate.lock_owned().await,
-            Wait::Until(deadline, waited) => {
-                tokio::time::timeout_at(deadline.into(), gate.lock_owned())
-                    .await
-                    .map_err(|_| ty.timeout(id, waited))?
-            }
-        };
+        let ticket = self.inner.waits.register(data_key.to_owned());
+        let entry = ticket.entry().clone();
+        let gate = ticket.pass(ty, id, wait).await?;
         loop {
             // Listen before trying, so a release between our attempt and
             // our wait is not missed.
-            let mut notified = pin!(state.wake.notified());
+            let mut notified = pin!(entry.state().notified());
             notified.as_mut().enable();
             let pttl = match attempt(wait != Wait::Never).await? {
-                Step::Done(r) => return Ok((r, handle, gate)),
+                Step::Done(r) => return Ok((r, gate)),
                 Step::Missing => return Err(ty.not_found(id)),
                 Step::Held(pttl) => pttl,
             };
