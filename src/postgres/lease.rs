@@ -17,18 +17,57 @@ use crate::Result;
 
 /// A held row lock: the connection with its transaction open, and the
 /// key's local gate, passed on once the transaction is over.
+///
+/// Follows the lease convention of `crate::remote`: dropping it is the
+/// release (`ROLLBACK`, spawned); `commit` takes what it holds first.
 pub(super) struct PgLease {
-    pub(super) store: Arc<Inner>,
-    pub(super) ty: &'static ContextType,
-    pub(super) id: Uuid,
-    pub(super) version: u64,
-    pub(super) conn: Conn,
-    pub(super) gate: Option<PgGate>,
+    store: Arc<Inner>,
+    ty: &'static ContextType,
+    id: Uuid,
+    version: u64,
+    // Invariant: `Some` until `commit` takes it or `Drop` releases it.
+    held: Option<Held>,
+}
+
+/// What a lease holds until its transaction ends. Field order matters: the
+/// connection goes (back to the pool, or closed) before the gate opens.
+struct Held {
+    conn: Conn,
+    gate: PgGate,
 }
 
 impl PgLease {
-    async fn commit_bytes(mut self, bytes: Result<Vec<u8>>) -> Result<u64> {
-        let (ty, id) = (self.ty, self.id);
+    /// The lease of a row lock taken on `conn`'s open transaction.
+    pub(super) fn new(
+        store: Arc<Inner>,
+        ty: &'static ContextType,
+        id: Uuid,
+        version: u64,
+        conn: Conn,
+        gate: PgGate,
+    ) -> Self {
+        Self {
+            store,
+            ty,
+            id,
+            version,
+            held: Some(Held { conn, gate }),
+        }
+    }
+}
+
+impl Held {
+    /// Commits `bytes` at `version` and ends the transaction. The gate
+    /// opens when `self` drops, after the `COMMIT` answered (or the
+    /// connection was given up).
+    async fn commit(
+        mut self,
+        store: Arc<Inner>,
+        ty: &'static ContextType,
+        id: Uuid,
+        version: u64,
+        bytes: Result<Vec<u8>>,
+    ) -> Result<u64> {
         let bytes = match bytes {
             Ok(bytes) => bytes,
             Err(e) => {
@@ -50,12 +89,12 @@ impl PgLease {
             return Err(ty.lease_lost(id));
         }
         let err = |e| ty.backend_error(Some(id), pg(e));
-        let response = self.store.timeouts.response;
-        let stmt = bounded(response, client.prepare_cached(&self.store.sql.commit))
+        let response = store.timeouts.response;
+        let stmt = bounded(response, client.prepare_cached(&store.sql.commit))
             .await
             .map_err(|limit| no_reply(ty, Some(id), "prepare commit", limit))?
             .map_err(err)?;
-        let version = self.version as i64;
+        let version = version as i64;
         let kind = ty.kind();
         let params: [&(dyn ToSql + Sync); 4] = [&kind, &id, &json, &version];
         // The lock's transaction turned the statement timeout off to wait
@@ -63,7 +102,7 @@ impl PgLease {
         // client-side bound (a network that stopped answering).
         let restore = format!(
             "SET LOCAL statement_timeout = {}",
-            self.store.timeouts.statement_ms
+            store.timeouts.statement_ms
         );
         let (restored, (updated, committed)) = bounded(
             response,
@@ -100,13 +139,22 @@ impl PgLease {
 }
 
 impl Lease for PgLease {
-    fn commit(self: Box<Self>, value: &(dyn Any + Send + Sync)) -> BoxFuture<'static, Result<u64>> {
-        let (ty, id) = (self.ty, self.id);
+    fn commit(
+        mut self: Box<Self>,
+        value: &(dyn Any + Send + Sync),
+    ) -> BoxFuture<'static, Result<u64>> {
+        let (ty, id, version) = (self.ty, self.id, self.version);
         let bytes = ty.encode(Some(id), value);
+        let store = self.store.clone();
+        // The lease is inert from here: its drop has nothing to release.
+        let Some(held) = self.held.take() else {
+            return Box::pin(std::future::ready(Err(ty.lease_lost(id))));
+        };
+        drop(self);
         // On the store's runtime: the client-side timeout needs its timer,
         // and `commit_blocking` polls this from a plain thread.
-        let handle = self.store.handle.clone();
-        let task = handle.spawn((*self).commit_bytes(bytes));
+        let handle = store.handle.clone();
+        let task = handle.spawn(held.commit(store, ty, id, version, bytes));
         Box::pin(async move {
             match task.await {
                 Ok(result) => result,
@@ -116,10 +164,20 @@ impl Lease for PgLease {
     }
 
     fn release(self: Box<Self>) {
-        let PgLease { mut conn, gate, .. } = *self;
+        // Dropping is the release (the lease convention of `crate::remote`).
+        drop(self);
+    }
+}
+
+impl Drop for PgLease {
+    fn drop(&mut self) {
+        let Some(Held { mut conn, gate }) = self.held.take() else {
+            return; // committed: the commit ends the transaction.
+        };
         let handle = conn.handle.clone();
-        // If the spawned task never runs, `conn` drops unclean: closed.
-        // The gate opens once the row lock is gone.
+        // Never block in drop. If the spawned task never runs, `conn` drops
+        // unclean: closed, which ends the session's transaction. The gate
+        // opens once the row lock is gone.
         spawn(&handle, async move {
             conn.rollback().await;
             drop(conn);

@@ -241,14 +241,14 @@ impl PostgresContextStorage {
         Ok(RawGuard::Remote {
             value,
             version,
-            lease: Box::new(PgLease {
-                store: self.inner.clone(),
+            lease: Box::new(PgLease::new(
+                self.inner.clone(),
                 ty,
                 id,
                 version,
                 conn,
-                gate: Some(gate),
-            }),
+                gate,
+            )),
         })
     }
 

@@ -212,6 +212,10 @@ async fn renew_loop(
 }
 
 /// A held lease: commits or releases the lock, stops its renewal.
+///
+/// Follows the lease convention of `crate::remote`: dropping it is the
+/// release (the token-checked release script, spawned); `commit` takes
+/// what it holds first.
 pub(super) struct RedisLease {
     ty: &'static ContextType,
     id: Uuid,
@@ -347,7 +351,8 @@ impl Lease for RedisLease {
     }
 
     fn release(self: Box<Self>) {
-        // Drop does it.
+        // Dropping is the release (the lease convention of `crate::remote`).
+        drop(self);
     }
 
     fn lost(&self) -> BoxFuture<'static, ()> {
