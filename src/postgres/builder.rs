@@ -110,7 +110,7 @@ impl PostgresContextStorageBuilder {
 
     /// The server-side `statement_timeout` for every statement that does
     /// not wait for a lock holder (default 30 s; `Duration::ZERO` disables
-    /// it). Lock waits are bounded only by the [`Wait`] the caller asked
+    /// it). Lock waits are bounded only by the [`Wait`](crate::Wait) the caller asked
     /// for: `get_context`, `store_context` and `delete_context` wait as
     /// long as the holder holds, like the in-memory engine.
     pub fn statement_timeout(mut self, timeout: Duration) -> Self {

@@ -1,56 +1,28 @@
-//! The PostgreSQL backend (cargo feature `postgres`): durable contexts, one
-//! row per context, exclusive access through row locks.
+//! [`PostgresContextStorage`]: durable contexts, one row per context,
+//! exclusive access through row locks (cargo feature `postgres`).
 //!
-//! # Protocol
+//! What the backend does and why — the SQL of each operation, timeouts,
+//! schema and migrations, versions, faults, measurements — is written
+//! once, for users, in [`crate::docs::postgres`] (`docs/postgres.md`). The
+//! code:
 //!
-//! * **Table** `(kind text, id uuid, version bigint, value jsonb,
-//!   updated_at timestamptz, primary key (kind, id))`, plus a sequence
-//!   `<table>_version_seq` that every version is drawn from.
-//! * **Guard** (`get_context`): a pooled connection runs `BEGIN` and
-//!   `SELECT version, value::text … FOR UPDATE` (pipelined: one round trip)
-//!   and keeps the transaction open for as long as the guard lives.
-//! * **Commit**: `UPDATE … SET value, version = nextval(seq) … WHERE version
-//!   = <read version> RETURNING version` + `COMMIT` (pipelined: one round
-//!   trip). **Drop / rollback**: `ROLLBACK`, spawned so that dropping never
-//!   blocks; the connection goes back to the pool only once the rollback
-//!   succeeded, and is closed otherwise.
-//! * `try_get_context` uses `FOR UPDATE NOWAIT` (`WouldBlock`);
-//!   `get_context_timeout` uses `SET LOCAL lock_timeout` (`Timeout`).
-//! * **Snapshots** are a plain autocommit `SELECT`: MVCC never makes a reader
-//!   wait for a row lock. They (and `contains`, ids) take a free connection
-//!   of the main pool if there is one, else one of a small separate read
-//!   pool, so they never wait for guards to give a connection back.
-//! * **Local gate**: guards, stores and deletes first pass a per-process
-//!   per-key FIFO gate, so tasks of one process waiting for the same key
-//!   queue in memory, not in `SELECT … FOR UPDATE` on pooled connections
-//!   (which could exhaust, and deadlock, the pool). `try_get_context` and
-//!   `get_context_timeout` bound the gate and the pool wait too.
-//! * **Timeouts**: connect (TCP, startup, auth), pool wait, and a
-//!   client-side response timeout on every round trip that does not wait
-//!   for a lock holder (commit included: the lock's transaction turns the
-//!   statement timeout off to wait, and the commit turns it back on).
-//!   Identifiers are quoted (a table may be named `user`), and URL
-//!   `options` are kept (the statement timeout is appended to them).
-//! * A process that dies while holding a guard closes its socket; Postgres
-//!   aborts its transaction and the row lock passes to the next waiter.
-//!
-//! # Versions
-//!
-//! Versions are drawn from the table's sequence, and always *after* the
-//! drawing transaction holds the row lock (a store that creates the row
-//! inserts it first, then draws with an `UPDATE` of its own, still
-//! uncommitted row). Every version an earlier incarnation of the key ever
-//! had was drawn by a transaction that committed before that lock was
-//! granted, so versions strictly increase per key, also across delete and
-//! re-create, without keeping tombstones. The sequence must keep the
-//! default `CACHE 1` (a per-session cache would break the ordering).
-//!
-//! # Cancellation
-//!
-//! A connection that is dropped with a transaction open or a request in
-//! flight (a cancelled `get_context`, a guard dropped outside any runtime)
-//! is never returned to the pool: its running statement is cancelled and
-//! the connection closed, which makes Postgres release whatever it held.
+//! * `mod.rs`: the store and the `ContextStorage` methods. Guards, stores
+//!   and deletes pass the key's local FIFO gate (the shared one of
+//!   `crate::remote`) before they take a pooled connection.
+//! * `builder.rs`: options and `connect` (URL options, statement timeout,
+//!   keepalives, the two pools).
+//! * `schema.rs`: creating, checking and migrating the table and its
+//!   sequence under an advisory lock.
+//! * `sql.rs`: every statement, built once per table with quoted
+//!   identifiers, and the conversions of their parameters and rows.
+//! * `conn.rs`: taking connections from the pools, the client-side bound on
+//!   a round trip, pipelining (`in_order`), driver errors, and `Conn`,
+//!   which never returns a connection with a transaction open or a request
+//!   in flight to the pool: it cancels the statement and closes the
+//!   connection, which makes Postgres release whatever the session held.
+//! * `lease.rs`: `PgLease`, a held row lock (the connection with its
+//!   transaction open) that commits, or rolls back when dropped (the lease
+//!   convention of `crate::remote`).
 
 mod builder;
 mod conn;
@@ -88,6 +60,8 @@ use crate::Result;
 /// Tasks waiting for a key held in this process queue on a per-key gate
 /// and hold no connection; snapshots use a free connection or a small
 /// separate read pool, so they never wait for guards.
+/// See [`crate::docs::postgres`] for the SQL of each operation, timeouts,
+/// the schema and its migrations, and faults.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), ctxstore::ContextError> {

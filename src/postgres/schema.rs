@@ -31,8 +31,9 @@ fn schema_comment() -> String {
 /// that processes connecting at once do not race; checks an existing table's
 /// columns. Looks first and changes only what is missing, so a role that
 /// may only read and write rows connects fine to a table made by its owner
-/// (DDL and `COMMENT ON` need privileges it lacks). See `docs/postgres.md`
-/// for the migration path.
+/// (DDL and `COMMENT ON` need privileges it lacks). See
+/// [`crate::docs::postgres`] (*Schema and migrations*) for the migration
+/// path.
 pub(super) async fn ensure_schema(client: &Object, table: &str, create: bool) -> Result<()> {
     let seq = format!("{table}_version_seq");
     let (has_table, has_seq, comment) = inspect_schema(client, table).await?;
@@ -151,7 +152,7 @@ async fn check_columns(client: &Object, table: &str) -> Result<()> {
         if !columns.iter().any(|(n, t)| n == name && t == ty) {
             return Err(setup_error(format!(
                 "table {table} is missing column `{name} {ty}` (found {columns:?}); \
-                 see docs/postgres.md for the schema and its migrations"
+                 see \"Schema and migrations\" in the ctxstore docs (ctxstore::docs::postgres)"
             )));
         }
     }

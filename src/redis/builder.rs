@@ -197,8 +197,8 @@ async fn check_durability(mut conn: ConnectionManager, namespace: &str) {
             namespace,
             "Redis has no persistence (appendonly no, save \"\"): a restart loses every \
              context and the version floor, after which versions repeat. Enable AOF \
-             (appendonly yes, appendfsync everysec or always) or RDB snapshots; see the \
-             README's Redis durability notes"
+             (appendonly yes, appendfsync everysec or always) or RDB snapshots; see \
+             \"Durability: required server settings\" in the ctxstore docs (ctxstore::docs::redis)"
         );
     }
 }

@@ -1,70 +1,31 @@
 //! [`RedisContextStorage`]: the same store shared by many processes through
 //! one Redis server (cargo feature `redis`).
 //!
-//! # Data layout
+//! What the backend does and why — key layout, protocol, versions,
+//! fencing, differences from the in-memory engine, required server
+//! settings, faults, measurements — is written once, for users, in
+//! [`crate::docs::redis`] (`docs/redis.md`). The code:
 //!
-//! For a namespace `ns`, a context type of kind `k` and an id `u`:
-//!
-//! | key | type | holds |
-//! |---|---|---|
-//! | `ns:k:u` | hash | `value` (the JSON bytes) and `version` (decimal) |
-//! | `ns:k:u:lock` | string, `PX` lease | the random token of the lease holder |
-//! | `ns:k:u:waiting` | string, `PX` | set while some process waits for the lease |
-//! | `ns:#floor` | hash | per kind: the highest version a deleted context reached |
-//! | channel `ns:#wake` | pub/sub | the data key whose lease was just released |
-//!
-//! # Versions (ABA protection)
-//!
-//! A commit bumps `version` with `HINCRBY` inside the commit script. Deleting
-//! a context records its last version in the per-kind floor (`ns:#floor`,
-//! field `k`, only ever raised), and creating a context starts from that
-//! floor, so a key's versions strictly increase and are never reused, also
-//! across delete and re-create, while a deleted context leaves nothing
-//! behind but one number per kind. Versions travel as decimal strings, but
-//! the scripts compare them as Lua numbers (doubles) when raising the floor:
-//! exact up to 2^53 commits per kind, which no deployment reaches.
-//!
-//! Every script checks every number it reads (digits only) before its first
-//! write, since Lua scripts are not rolled back, and refuses a corrupt one
-//! with a `Codec` error naming the key: a corrupt version is never taken
-//! into the floor (delete refuses), a lock is never taken on it, and
-//! `store_context` repairs it, restarting the key's version at the server
-//! clock in microseconds (above any version commits can have reached).
-//!
-//! # Locking, fencing and waking
-//!
-//! `get_context` runs one script: if `ns:k:u:lock` exists the key is held
-//! (the script marks `ns:k:u:waiting` and returns the lease's remaining
-//! time); otherwise it `SET`s the lock with a fresh random token and `PX`
-//! lease and returns value and version in the same round trip. A task
-//! renews the lease every renewal interval while the guard lives. Commit is
-//! one script: the token must still be ours and the version the one we
-//! read; it writes, bumps the version, deletes the lock and, if someone
-//! marked `waiting`, publishes the key on `ns:#wake`. A holder whose lease
-//! expired (paused process, cut network) finds another token or none and
-//! gets `LeaseLost`; nothing is written. Renewal never resurrects an expired
-//! lease: it only extends a lock that still holds our token.
-//!
-//! Within one process, the tasks that want the same key queue on a local
-//! FIFO gate first, so only one task per process talks to Redis about a
-//! key; the others wait in memory. Across processes, waiters are woken by
-//! the `ns:#wake` publication (one RESP3 subscription per store) and, as a
-//! fallback for lost messages or crashed holders, re-try no sooner than the
-//! renewal interval, or exactly when the holder's lease runs out.
-//!
-//! # Cancellation
-//!
-//! A lock attempt runs in a spawned task, and every acquisition that does
-//! not end in a guard gives its token back (token-checked, so it is always
-//! safe to send): a reply that failed (timed out, connection lost: the
-//! script may have run all the same) or did not parse is followed by a
-//! release (spawned, and sent on the same connection after the script, so
-//! Redis runs it after the script); a lease taken for a caller whose
-//! future was dropped, while the script was in flight or after its reply
-//! arrived, is released when the unclaimed reply is dropped. Dropping a
-//! guard spawns the release script (it never blocks)
-//! and stops the renewal task; if Redis is unreachable then, the lease simply
-//! expires, since nothing renews it any more.
+//! * `mod.rs`: the store, its keys, and the `ContextStorage` methods, each
+//!   one script run through the wait loop.
+//! * `builder.rs`: options, `connect`, the connect-time checks (settings,
+//!   the server's eviction policy and persistence) and the task that keeps
+//!   the wake-up subscription alive.
+//! * `wait.rs`: the key's local FIFO gate (the shared one of
+//!   `crate::remote`) with its wake-up beside it, and the retry loop around
+//!   a script that finds the key held: woken by the `ns:#wake` publication,
+//!   or at the latest after the renewal interval or when the holder's lease
+//!   runs out.
+//! * `lease.rs`: taking a lease in a spawned task so that none is ever
+//!   leaked (a `PendingRelease` gives back a lease nobody claimed), renewing
+//!   it while the guard lives, committing and releasing it (the lease
+//!   convention of `crate::remote`: dropping the lease is the release).
+//! * `reply.rs`: the scripts' `{code, ...}` replies, and the `Codec` error
+//!   for a stored number that is not one.
+//! * `scripts.rs` and `scripts/*.lua`: the Lua scripts; each file says what
+//!   it takes (`KEYS`, `ARGV`) and returns. Every script validates every
+//!   number it reads before its first write, since Lua scripts are not
+//!   rolled back.
 
 mod builder;
 mod lease;
@@ -93,20 +54,16 @@ use crate::Result;
 /// A [`ContextStorage`] on Redis: many processes share one store.
 ///
 /// Same semantics as the in-memory engine (shared conformance suite), with
-/// these differences, all inherent to a remote store:
-/// * values are serialized (JSON) and a snapshot is a decoded copy made by
-///   one `HMGET`, not a shared `Arc` of the committed value;
-/// * the lock is a lease: a holder that stops renewing (crash, pause, lost
-///   network) loses it after the lease length and then gets `LeaseLost` at
-///   commit, writing nothing;
-/// * waiters are served in arrival order within a process; across processes
-///   whoever asks first after a release wins (no starvation-proof FIFO);
-/// * a cancelled `store_context`/`delete_context`/`commit` whose request
-///   already reached Redis may have been applied (whole, never partly).
+/// the differences inherent to a remote store: values are serialized
+/// (JSON) and snapshots are decoded copies; the lock is a lease that a
+/// holder which stops renewing loses (then `commit` fails with
+/// `LeaseLost`, writing nothing); waiters are served in arrival order only
+/// within a process; a cancelled write whose request reached Redis may
+/// have been applied (whole, never partly). See [`crate::docs::redis`] for
+/// all of it, and for the server settings the store needs.
 ///
 /// Needs a tokio runtime (it spawns the renewal and release tasks on the
-/// runtime it was connected from). Scripts touch several keys of one
-/// context and of the namespace, so Redis Cluster is not supported.
+/// runtime it was connected from). Redis Cluster is not supported.
 #[derive(Clone)]
 pub struct RedisContextStorage {
     inner: Arc<Inner>,
