@@ -146,9 +146,9 @@ pub mod __loom {
     use std::task::{Context as TaskContext, Poll};
     use std::time::Instant;
 
-    use crate::memory::park::TryLock;
+    use crate::memory::park::Outcome;
     use crate::memory::slot::Slot as RawSlot;
-    use crate::memory::{lock_slot_blocking, Blocking, LockSlot, MemGuard};
+    use crate::memory::{lock_slot_blocking, LockSlot, MemGuard};
     use crate::{Context, Result, Uuid};
 
     /// Chooses what a release does for the head waiter in the models run on
@@ -228,15 +228,18 @@ pub mod __loom {
         /// `RawLock::try_lock`: one CAS, never queues.
         pub fn try_lock(&self) -> std::result::Result<Locked<T>, Refused> {
             match self.0.lock.try_lock() {
-                TryLock::Acquired => Ok(Locked(Some(self.0.clone()))),
-                TryLock::Held => Err(Refused::Held),
-                TryLock::Dead => Err(Refused::Dead),
+                Outcome::Locked => Ok(Locked(Some(self.0.clone()))),
+                Outcome::Busy => Err(Refused::Held),
+                Outcome::Dead => Err(Refused::Dead),
             }
         }
 
         /// The task path: the engine's `LockSlot` future.
         pub fn lock(&self) -> Lock<T> {
-            Lock(LockSlot::new(self.0.clone(), std::time::Duration::ZERO))
+            Lock(Box::pin(LockSlot::new(
+                self.0.clone(),
+                std::time::Duration::ZERO,
+            )))
         }
 
         /// The thread path: `lock_slot_blocking` without a deadline.
@@ -253,23 +256,25 @@ pub mod __loom {
 
         fn blocking(&self, deadline: Option<Instant>) -> std::result::Result<Locked<T>, Refused> {
             match lock_slot_blocking(&self.0, deadline, std::time::Duration::ZERO) {
-                Blocking::Locked => Ok(Locked(Some(self.0.clone()))),
-                Blocking::Dead => Err(Refused::Dead),
-                Blocking::TimedOut => Err(Refused::TimedOut),
+                Outcome::Locked => Ok(Locked(Some(self.0.clone()))),
+                Outcome::Dead => Err(Refused::Dead),
+                Outcome::Busy => Err(Refused::TimedOut),
             }
         }
     }
 
-    /// The engine's `LockSlot` future. Dropping it is the engine's
-    /// cancellation path.
-    pub struct Lock<T>(LockSlot<T>);
+    /// The engine's `LockSlot` future (boxed here so that the models can
+    /// poll it by hand: the engine's is pinned in its caller's future).
+    /// Dropping it is the engine's cancellation path.
+    pub struct Lock<T>(Pin<Box<LockSlot<T>>>);
 
     impl<T> Future for Lock<T> {
         /// `None`: the slot died first.
         type Output = Option<Locked<T>>;
 
         fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
-            Pin::new(&mut self.0)
+            self.0
+                .as_mut()
                 .poll(cx)
                 .map(|slot| slot.map(|s| Locked(Some(s))))
         }
@@ -324,7 +329,12 @@ pub mod __loom {
 
     /// The engine's guard (`MemGuard`): draft on first write, commit by
     /// version compare-and-swap, roll back and unlock on drop.
-    pub struct Guard<T: Context>(MemGuard<T>, StdArc<RawSlot<T>>);
+    pub struct Guard<T: Context>(
+        MemGuard<T>,
+        // Never read: it keeps the slot alive for the guard, as the table
+        // does in the engine.
+        #[allow(dead_code)] StdArc<RawSlot<T>>,
+    );
 
     impl<T: Context> Guard<T> {
         /// The version the guard started from.

@@ -510,6 +510,47 @@ fn fifo_handoff_order() {
     });
 }
 
+/// Three queued waiters A, B, C; B is dropped (unlinked from the middle of
+/// the intrusive queue) while releases serve A and C: A and C each get the
+/// lock once, A before C, and the lock ends free. The queue's links live in
+/// loom `UnsafeCell`s, so loom also checks that every access to them is
+/// ordered (under the queue mutex, or by the waiter's state).
+#[test]
+fn middle_waiter_cancels_while_releases_run() {
+    check("middle_waiter_cancels_while_releases_run", || {
+        let (slot, held) = Slot::new_locked(val(0, 0), 1);
+        let excl = Exclusive::new();
+        let mut queued: Vec<Lock<Val>> = (0..3)
+            .map(|_| {
+                let mut fut = slot.lock();
+                assert!(poll_once(&mut fut).is_pending());
+                fut
+            })
+            .collect();
+        let (c, b, a) = (queued.pop(), queued.pop(), queued.pop());
+        let canceller = thread::spawn(move || drop(b));
+        let served = {
+            let excl = excl.clone();
+            thread::spawn(move || {
+                for (fut, turn) in [(a, 1), (c, 2)] {
+                    let got = block_on(fut.expect("queued")).expect("never deleted");
+                    excl.enter(|v| {
+                        assert_eq!(*v, turn, "served out of arrival order");
+                        *v += 1;
+                    });
+                    drop(got);
+                }
+            })
+        };
+        excl.enter(|v| *v = 1);
+        drop(held);
+        canceller.join().unwrap();
+        served.join().unwrap();
+        assert_eq!(excl.enter(|v| *v), 3);
+        assert_free(&slot);
+    });
+}
+
 /// A snapshot held across two commits keeps showing its version: the
 /// superseded allocation is recycled into the next draft only when no
 /// reader holds it.

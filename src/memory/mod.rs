@@ -3,6 +3,7 @@
 //! See the crate docs for the guarantees and `docs::internals` for the
 //! protocol. All `unsafe` of the crate lives in this module.
 
+mod acquire;
 mod guard;
 pub(crate) mod park;
 pub(crate) mod slot;
@@ -18,15 +19,15 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
+pub(crate) use self::acquire::{lock_slot_blocking, LockSlot};
 pub(crate) use self::guard::MemGuard;
-use self::park::{Enqueue, Place, TryLock, Waiter, GRANTED, KILLED, WOKEN};
+use self::park::Outcome;
 use self::slot::Slot;
 use self::table::Table;
 pub(crate) use self::version::Shared;
 use crate::context::{Context, ContextType};
 use crate::guard::{ContextGuard, Snapshot};
 use crate::storage::{BoxFuture, ContextStorage, ErasedValue, RawGuard, RawSnapshot, Wait};
-use crate::sync::Arc;
 use crate::util::Finally;
 use crate::Result;
 
@@ -350,7 +351,7 @@ impl InMemoryContextStorage {
                 }
             };
             if let Some(slot) = self.table.get::<T>(id) {
-                if lock_slot_blocking(&slot, None, self.fair_after) == Blocking::Locked {
+                if lock_slot_blocking(&slot, None, self.fair_after) == Outcome::Locked {
                     return Ok(self.replace_locked(&slot, busy));
                 }
             }
@@ -384,7 +385,7 @@ impl InMemoryContextStorage {
                 return done;
             }
             let slot = self.table.get::<T>(id).ok_or_else(|| not_found::<T>(id))?;
-            if lock_slot_blocking(&slot, None, self.fair_after) == Blocking::Locked {
+            if lock_slot_blocking(&slot, None, self.fair_after) == Outcome::Locked {
                 self.unlink_locked(id, &slot);
                 return Ok(());
             }
@@ -412,7 +413,7 @@ impl InMemoryContextStorage {
     #[inline]
     fn on_free_slot<T: Context, R>(&self, id: Uuid, op: impl FnOnce(&Slot<T>) -> R) -> Free<R> {
         let found = self.table.with::<T, _>(id, |slot| {
-            (slot.lock.try_lock() == TryLock::Acquired).then(|| op(slot))
+            (slot.lock.try_lock() == Outcome::Locked).then(|| op(slot))
         });
         match found {
             None => Free::Absent,
@@ -548,10 +549,10 @@ impl InMemoryContextStorage {
             let attempt = self
                 .table
                 .with::<T, _>(id, |slot| match slot.lock.try_lock() {
-                    TryLock::Acquired => Some(Ok(self.acquired(slot, id))),
-                    TryLock::Held => Some(Err(ContextType::of::<T>().would_block(id))),
+                    Outcome::Locked => Some(Ok(self.acquired(slot, id))),
+                    Outcome::Busy => Some(Err(ContextType::of::<T>().would_block(id))),
                     // Deleted under us: re-resolve the key.
-                    TryLock::Dead => None,
+                    Outcome::Dead => None,
                 });
             match attempt {
                 None => return Err(not_found::<T>(id)),
@@ -603,9 +604,9 @@ impl InMemoryContextStorage {
         loop {
             let slot = self.table.get::<T>(id).ok_or_else(|| not_found::<T>(id))?;
             match lock_slot_blocking(&slot, deadline.map(|d| d.0), self.fair_after) {
-                Blocking::Locked => return Ok(self.acquired(&slot, id)),
-                Blocking::Dead => continue,
-                Blocking::TimedOut => {
+                Outcome::Locked => return Ok(self.acquired(&slot, id)),
+                Outcome::Dead => continue,
+                Outcome::Busy => {
                     return Err(ContextType::of::<T>()
                         .timeout(id, deadline.map_or(Duration::ZERO, |d| d.1)))
                 }
@@ -632,10 +633,15 @@ pub(crate) struct LockWait<'a, T> {
 impl<T: Context> Future for LockWait<'_, T> {
     type Output = Result<MemGuard<T>>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
-        let this = &mut *self;
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        // SAFETY: `waiting` is structurally pinned: it is only polled in
+        // place and replaced by dropping it in place (`set`), never moved
+        // out; `store` and `id` are plain data.
+        let this = unsafe { self.get_unchecked_mut() };
         loop {
-            match &mut this.waiting {
+            // SAFETY: as above.
+            let waiting = unsafe { Pin::new_unchecked(&mut this.waiting) };
+            match waiting.as_pin_mut() {
                 None => {
                     if let Some(done) = this.store.lock_fast(this.id) {
                         return Poll::Ready(done);
@@ -643,11 +649,13 @@ impl<T: Context> Future for LockWait<'_, T> {
                     let Some(slot) = this.store.table.get::<T>(this.id) else {
                         return Poll::Ready(Err(not_found::<T>(this.id)));
                     };
+                    // Not linked yet, so moving it into place is fine.
                     this.waiting = Some(LockSlot::new(slot, this.store.fair_after));
                 }
-                Some(waiting) => match Pin::new(waiting).poll(cx) {
+                Some(waiting) => match waiting.poll(cx) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(locked) => {
+                        // The acquisition has finished (unlinked): drop it.
                         this.waiting = None;
                         if let Some(slot) = locked {
                             return Poll::Ready(Ok(this.store.acquired(&slot, this.id)));
@@ -668,8 +676,9 @@ impl<T: Context> Future for GetContext<'_, T> {
     type Output = Result<ContextGuard<T>>;
 
     #[inline]
-    fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.0)
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        // SAFETY: structural pinning of the only field.
+        unsafe { self.map_unchecked_mut(|s| &mut s.0) }
             .poll(cx)
             .map(|locked| locked.map(ContextGuard::from_memory))
     }
@@ -692,185 +701,6 @@ enum Stored<T> {
     Busy(T),
     /// A concurrent create won the insert: try again.
     Raced(T),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Blocking {
-    Locked,
-    Dead,
-    TimedOut,
-}
-
-/// Locks `slot` from a plain thread: a short spin with backoff, then parks
-/// in the queue (bounded fairness: see `park`).
-pub(crate) fn lock_slot_blocking<T>(
-    slot: &Slot<T>,
-    deadline: Option<Instant>,
-    fair_after: Duration,
-) -> Blocking {
-    match slot.lock.try_lock() {
-        TryLock::Acquired => return Blocking::Locked,
-        TryLock::Dead => return Blocking::Dead,
-        TryLock::Held => {}
-    }
-    #[cfg(not(ctxstore_loom))]
-    {
-        let backoff = crossbeam_utils::Backoff::new();
-        while !backoff.is_completed() {
-            backoff.snooze();
-            match slot.lock.try_lock() {
-                TryLock::Acquired => return Blocking::Locked,
-                TryLock::Dead => return Blocking::Dead,
-                TryLock::Held => {}
-            }
-        }
-    }
-    let waiter = Waiter::for_thread(fair_after);
-    match slot.lock.enqueue(&waiter, Place::Back) {
-        Enqueue::Acquired => return Blocking::Locked,
-        Enqueue::Dead => return Blocking::Dead,
-        Enqueue::Queued => {}
-    }
-    loop {
-        match waiter.state() {
-            GRANTED => return Blocking::Locked,
-            KILLED => return Blocking::Dead,
-            WOKEN => {
-                // A release freed the lock for us to compete for: take it,
-                // or go back to the front of the queue.
-                let retry = match slot.lock.try_lock() {
-                    TryLock::Acquired => Enqueue::Acquired,
-                    TryLock::Dead => Enqueue::Dead,
-                    TryLock::Held => slot.lock.enqueue(&waiter, Place::Front),
-                };
-                match retry {
-                    Enqueue::Acquired => return Blocking::Locked,
-                    Enqueue::Dead => return Blocking::Dead,
-                    Enqueue::Queued => continue,
-                }
-            }
-            _ => {}
-        }
-        match deadline {
-            None => crate::sync::park(),
-            Some(deadline) => {
-                let now = Instant::now();
-                if now >= deadline {
-                    if slot.lock.cancel(&waiter) {
-                        return Blocking::Locked;
-                    }
-                    return if waiter.state() == KILLED {
-                        Blocking::Dead
-                    } else {
-                        Blocking::TimedOut
-                    };
-                }
-                crate::sync::park_timeout(deadline - now);
-            }
-        }
-    }
-}
-
-/// Locks one slot from a task. Resolves to the slot, locked, or to `None` if
-/// the slot died (its context was deleted) first.
-///
-/// # Cancel safety
-/// Dropping it while queued takes the waiter out of the queue; if the lock
-/// had already been handed to it, the lock is passed on.
-pub(crate) struct LockSlot<T> {
-    slot: Option<StdArc<Slot<T>>>,
-    waiter: Option<Arc<Waiter>>,
-    fair_after: Duration,
-}
-
-impl<T> LockSlot<T> {
-    pub(crate) fn new(slot: StdArc<Slot<T>>, fair_after: Duration) -> Self {
-        Self {
-            slot: Some(slot),
-            waiter: None,
-            fair_after,
-        }
-    }
-
-    fn finish(&mut self, locked: bool) -> Poll<Option<StdArc<Slot<T>>>> {
-        self.waiter = None;
-        let slot = self.slot.take();
-        Poll::Ready(if locked { slot } else { None })
-    }
-}
-
-impl<T> Future for LockSlot<T> {
-    type Output = Option<StdArc<Slot<T>>>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
-        let this = &mut *self;
-        let slot = this
-            .slot
-            .as_ref()
-            .expect("LockSlot polled after completion");
-        let Some(waiter) = &this.waiter else {
-            match slot.lock.try_lock_spin() {
-                TryLock::Acquired => return this.finish(true),
-                TryLock::Dead => return this.finish(false),
-                TryLock::Held => {}
-            }
-            let waiter = Waiter::for_task(this.fair_after);
-            // Register before enqueueing: a wake-up right after the enqueue
-            // then finds the waker.
-            waiter.register(cx.waker());
-            return match slot.lock.enqueue(&waiter, Place::Back) {
-                Enqueue::Acquired => this.finish(true),
-                Enqueue::Dead => this.finish(false),
-                Enqueue::Queued => {
-                    this.waiter = Some(waiter);
-                    Poll::Pending
-                }
-            };
-        };
-        let mut registered = false;
-        loop {
-            match waiter.state() {
-                GRANTED => return this.finish(true),
-                KILLED => return this.finish(false),
-                WOKEN => {
-                    // A release freed the lock for us to compete for: take
-                    // it, or go back to the front of the queue (registered
-                    // first, as on the first poll).
-                    match slot.lock.try_lock() {
-                        TryLock::Acquired => return this.finish(true),
-                        TryLock::Dead => return this.finish(false),
-                        TryLock::Held => {}
-                    }
-                    waiter.register(cx.waker());
-                    registered = true;
-                    match slot.lock.enqueue(waiter, Place::Front) {
-                        Enqueue::Acquired => return this.finish(true),
-                        Enqueue::Dead => return this.finish(false),
-                        Enqueue::Queued => {}
-                    }
-                }
-                _ if registered => return Poll::Pending,
-                _ => {
-                    waiter.register(cx.waker());
-                    // Re-check after registering: a wake-up between the
-                    // check above and the registration woke the old waker
-                    // (or none).
-                    registered = true;
-                }
-            }
-        }
-    }
-}
-
-impl<T> Drop for LockSlot<T> {
-    fn drop(&mut self) {
-        if let (Some(slot), Some(waiter)) = (&self.slot, &self.waiter) {
-            if slot.lock.cancel(waiter) {
-                // We were handed the lock but will never use it: pass it on.
-                slot.lock.unlock();
-            }
-        }
-    }
 }
 
 impl ContextStorage for InMemoryContextStorage {
