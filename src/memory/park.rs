@@ -644,25 +644,20 @@ impl RawLock {
         // Release: a later acquirer that reads DEAD (with Acquire or under
         // the mutex) sees everything the deleting holder did.
         self.state.store(LOCKED | DEAD, Ordering::Release);
-        loop {
+        // The common case (nobody waits) builds no batch.
+        while !queue.is_empty() {
             let mut wakes: [Wake; BATCH] = std::array::from_fn(|_| Wake::Nobody);
-            let mut n = 0;
-            while n < BATCH {
+            for wake in &mut wakes {
                 // SAFETY: we hold the mutex.
                 let Some(w) = (unsafe { queue.pop_front() }) else {
                     break;
                 };
                 // SAFETY: unlinked just now, under the mutex.
-                wakes[n] = unsafe { complete(w, KILLED) };
-                n += 1;
+                *wake = unsafe { complete(w, KILLED) };
             }
-            let more = n == BATCH;
             drop(queue);
-            for w in wakes {
-                w.wake();
-            }
-            if !more {
-                return;
+            for wake in wakes {
+                wake.wake();
             }
             queue = self.queue.lock();
         }
