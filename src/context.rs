@@ -10,8 +10,7 @@ use uuid::Uuid;
 
 use crate::error::{boxed, message, BoxError, ContextError};
 use crate::guard::Versioned;
-use crate::storage::{BoxFuture, ErasedValue, RawGuard, RawSnapshot, Wait};
-use crate::InMemoryContextStorage;
+use crate::storage::{ErasedValue, MemOps, RawSnapshot};
 
 /// A value that can be stored as a context.
 ///
@@ -53,26 +52,6 @@ pub struct ContextType {
     pub(crate) mem: MemOps,
 }
 
-/// The in-memory engine's entry points for one type, so that it can be driven
-/// through `dyn ContextStorage` (its raw methods) without boxing values.
-pub(crate) struct MemOps {
-    pub(crate) store: for<'a> fn(
-        &'a InMemoryContextStorage,
-        Uuid,
-        ErasedValue,
-    ) -> BoxFuture<'a, crate::Result<u64>>,
-    pub(crate) lock: for<'a> fn(
-        &'a InMemoryContextStorage,
-        Uuid,
-        Wait,
-    ) -> BoxFuture<'a, crate::Result<RawGuard>>,
-    pub(crate) snapshot: fn(&InMemoryContextStorage, Uuid) -> crate::Result<RawSnapshot>,
-    pub(crate) delete:
-        for<'a> fn(&'a InMemoryContextStorage, Uuid) -> BoxFuture<'a, crate::Result<()>>,
-    pub(crate) contains: fn(&InMemoryContextStorage, Uuid) -> bool,
-    pub(crate) ids: fn(&InMemoryContextStorage) -> Vec<Uuid>,
-}
-
 struct Describe<T>(std::marker::PhantomData<T>);
 
 impl<T: Context> Describe<T> {
@@ -84,14 +63,7 @@ impl<T: Context> Describe<T> {
         decode: decode::<T>,
         decode_snapshot: decode_snapshot::<T>,
         snapshot_of: snapshot_of::<T>,
-        mem: MemOps {
-            store: crate::memory::raw::store::<T>,
-            lock: crate::memory::raw::lock::<T>,
-            snapshot: crate::memory::raw::snapshot::<T>,
-            delete: crate::memory::raw::delete::<T>,
-            contains: crate::memory::raw::contains::<T>,
-            ids: crate::memory::raw::ids::<T>,
-        },
+        mem: MemOps::of::<T>(),
     };
 }
 

@@ -4,7 +4,11 @@
 //! protocol. All `unsafe` of the crate lives in this module.
 
 mod acquire;
+mod erased;
 mod guard;
+#[cfg(ctxstore_loom)]
+#[allow(missing_docs)]
+pub mod loom_api;
 pub(crate) mod park;
 pub(crate) mod slot;
 mod table;
@@ -27,7 +31,7 @@ use self::table::Table;
 pub(crate) use self::version::Shared;
 use crate::context::{Context, ContextType};
 use crate::guard::{ContextGuard, Snapshot};
-use crate::storage::{BoxFuture, ContextStorage, ErasedValue, RawGuard, RawSnapshot, Wait};
+use crate::storage::Wait;
 use crate::util::Finally;
 use crate::Result;
 
@@ -275,10 +279,14 @@ impl InMemoryContextStorage {
     ///
     /// # Cancel safety
     /// As for `get_context`; once `f` has run the commit cannot be cut.
-    pub async fn update_context<T: Context, R>(
+    ///
+    /// The bounds (`f` and its result `Send`) are those of
+    /// [`ContextStorageExt::update_context`](crate::ContextStorageExt::update_context),
+    /// so code moves between the two unchanged.
+    pub async fn update_context<T: Context, R: Send>(
         &self,
         id: Uuid,
-        f: impl FnOnce(&mut T) -> R,
+        f: impl FnOnce(&mut T) -> R + Send,
     ) -> Result<R> {
         let mut f = Some(f);
         match self.update_now(id, &mut f) {
@@ -701,110 +709,4 @@ enum Stored<T> {
     Busy(T),
     /// A concurrent create won the insert: try again.
     Raced(T),
-}
-
-impl ContextStorage for InMemoryContextStorage {
-    fn store_raw(
-        &self,
-        ty: &'static ContextType,
-        id: Uuid,
-        value: ErasedValue,
-    ) -> BoxFuture<'_, Result<u64>> {
-        (ty.mem.store)(self, id, value)
-    }
-
-    fn lock_raw(
-        &self,
-        ty: &'static ContextType,
-        id: Uuid,
-        wait: Wait,
-    ) -> BoxFuture<'_, Result<RawGuard>> {
-        (ty.mem.lock)(self, id, wait)
-    }
-
-    fn snapshot_raw(
-        &self,
-        ty: &'static ContextType,
-        id: Uuid,
-    ) -> BoxFuture<'_, Result<RawSnapshot>> {
-        Box::pin(std::future::ready((ty.mem.snapshot)(self, id)))
-    }
-
-    fn delete_raw(&self, ty: &'static ContextType, id: Uuid) -> BoxFuture<'_, Result<()>> {
-        (ty.mem.delete)(self, id)
-    }
-
-    fn contains_raw(&self, ty: &'static ContextType, id: Uuid) -> BoxFuture<'_, Result<bool>> {
-        Box::pin(std::future::ready(Ok((ty.mem.contains)(self, id))))
-    }
-
-    fn ids_raw(&self, ty: &'static ContextType) -> BoxFuture<'_, Result<Vec<Uuid>>> {
-        Box::pin(std::future::ready(Ok((ty.mem.ids)(self))))
-    }
-
-    fn backend_name(&self) -> &'static str {
-        "memory"
-    }
-
-    fn as_in_memory(&self) -> Option<&InMemoryContextStorage> {
-        Some(self)
-    }
-}
-
-/// The engine's monomorphized entry points, stored in each type's
-/// [`ContextType`] so the raw (type-erased) interface reaches them.
-pub(crate) mod raw {
-    use super::*;
-
-    pub(crate) fn store<T: Context>(
-        s: &InMemoryContextStorage,
-        id: Uuid,
-        value: ErasedValue,
-    ) -> BoxFuture<'_, Result<u64>> {
-        Box::pin(async move {
-            match value.downcast::<T>() {
-                Ok(value) => s.store_context(id, *value).await,
-                Err(_) => Err(ContextType::of::<T>().backend_error(
-                    Some(id),
-                    crate::error::message("store_raw got a value of another type"),
-                )),
-            }
-        })
-    }
-
-    pub(crate) fn lock<T: Context>(
-        s: &InMemoryContextStorage,
-        id: Uuid,
-        wait: Wait,
-    ) -> BoxFuture<'_, Result<RawGuard>> {
-        Box::pin(async move {
-            let guard = s.lock_async::<T>(id, wait).await?;
-            Ok(RawGuard::Local(Box::new(ContextGuard::from_memory(guard))))
-        })
-    }
-
-    pub(crate) fn snapshot<T: Context>(
-        s: &InMemoryContextStorage,
-        id: Uuid,
-    ) -> Result<RawSnapshot> {
-        s.table
-            // SAFETY: `with` pins the collector `drain_limbo` retires into.
-            .with::<T, _>(id, |slot| RawSnapshot::from_shared(unsafe { slot.load() }))
-            .ok_or_else(|| not_found::<T>(id))
-    }
-
-    pub(crate) fn delete<T: Context>(
-        s: &InMemoryContextStorage,
-        id: Uuid,
-    ) -> BoxFuture<'_, Result<()>> {
-        Box::pin(s.delete_context::<T>(id))
-    }
-
-    pub(crate) fn contains<T: Context>(s: &InMemoryContextStorage, id: Uuid) -> bool {
-        s.contains::<T>(id)
-    }
-
-    pub(crate) fn ids<T: Context>(s: &InMemoryContextStorage) -> Vec<Uuid> {
-        s.ids::<T>()
-    }
 }
