@@ -4,6 +4,7 @@
 //! protocol. All `unsafe` of the crate lives in this module.
 
 mod acquire;
+mod conditional;
 mod erased;
 mod guard;
 #[cfg(ctxstore_loom)]
