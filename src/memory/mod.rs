@@ -17,11 +17,11 @@ pub(crate) mod version;
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc as StdArc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
+use crossbeam_utils::CachePadded;
 use uuid::Uuid;
 
 pub(crate) use self::acquire::{lock_slot_blocking, LockSlot};
@@ -66,14 +66,17 @@ use crate::Result;
 /// ```
 pub struct InMemoryContextStorage {
     table: Table,
-    // Every version a deleted context ever reached is <= this, so a context
-    // re-created under the same key starts above all its old versions.
-    version_floor: AtomicU64,
-    // Creating and deleting contexts serialize per stripe of ids, so that a
-    // creator's read of `version_floor` and its insert are one step with
+    // Creating and deleting contexts serialize per stripe of ids, and each
+    // stripe keeps its own version floor: every version a deleted context
+    // of the stripe ever reached is <= it, so a context re-created under
+    // the same key starts above all its old versions. The stripe's mutex
+    // makes a creator's read of the floor and its insert one step with
     // respect to a delete of the same key (see `insert_new`). Only create
-    // and delete take it; locks, commits and snapshots never do.
-    create_delete: [std::sync::Mutex<()>; STRIPES],
+    // and delete take it; locks, commits and snapshots never do. One cache
+    // line per stripe: creates and deletes of different stripes on
+    // different cores share no line (a store-wide floor was one line that
+    // every delete wrote).
+    create_delete: Box<[CachePadded<std::sync::Mutex<u64>>; STRIPES]>,
     // How long a queued waiter may be passed by newcomers (see
     // `with_fairness_bound`).
     fair_after: Duration,
@@ -127,8 +130,9 @@ impl InMemoryContextStorage {
     pub fn with_capacity(capacity: usize) -> Self {
         Self {
             table: Table::with_capacity(capacity),
-            version_floor: AtomicU64::new(0),
-            create_delete: std::array::from_fn(|_| std::sync::Mutex::new(())),
+            create_delete: Box::new(std::array::from_fn(|_| {
+                CachePadded::new(std::sync::Mutex::new(0))
+            })),
             fair_after: self::park::FAIR_AFTER,
         }
     }
@@ -508,9 +512,11 @@ impl InMemoryContextStorage {
         }
     }
 
-    /// The create/delete stripe of `id`. It guards no data (a panic while
-    /// it is held cannot leave anything half-done), so poisoning is ignored.
-    fn stripe(&self, id: Uuid) -> std::sync::MutexGuard<'_, ()> {
+    /// The create/delete stripe of `id`, holding the stripe's version floor.
+    /// Nothing panics while it is held except a user `Drop` run by papaya's
+    /// reclamation inside `remove`, after the floor was raised, so a
+    /// poisoned stripe is still consistent and poisoning is ignored.
+    fn stripe(&self, id: Uuid) -> std::sync::MutexGuard<'_, u64> {
         let (hi, lo) = id.as_u64_pair();
         self.create_delete[((hi ^ lo) % STRIPES as u64) as usize]
             .lock()
@@ -523,10 +529,8 @@ impl InMemoryContextStorage {
         // key live again) would raise the floor past `version` and unlink
         // the key, so the insert would succeed at a version that deleted
         // incarnation already used. The stripe lock makes them one step.
-        let _stripe = self.stripe(id);
-        // Relaxed: the stripe mutex orders this after the `fetch_max` of
-        // any earlier delete of this key (which holds the same stripe).
-        let version = self.version_floor.load(Ordering::Relaxed) + 1;
+        let floor = self.stripe(id);
+        let version = *floor + 1;
         let slot = StdArc::new(Slot::new(value, version));
         match self.table.try_insert(id, slot) {
             Ok(()) => Ok(version),
@@ -540,12 +544,10 @@ impl InMemoryContextStorage {
     fn unlink_locked<T: Context>(&self, id: Uuid, slot: &Slot<T>) {
         // Never waited on while holding a slot lock by a creator (creators
         // take only the stripe), so holding both here cannot deadlock.
-        let _stripe = self.stripe(id);
+        let mut floor = self.stripe(id);
         // SAFETY: the caller holds the slot's lock.
         let version = unsafe { slot.version_locked() };
-        // Relaxed: ordered before a later creator's load by the stripe
-        // mutex (see `insert_new`).
-        self.version_floor.fetch_max(version, Ordering::Relaxed);
+        *floor = (*floor).max(version);
         // Kill even if `remove` unwinds: papaya may reclaim an earlier
         // deleted value in there (after unlinking this entry), running a
         // user `Drop` that can panic. Queued waiters must still be failed.
