@@ -50,7 +50,8 @@
 //! * **`update_context`** = lookup, CAS, draft, run the closure, publish,
 //!   release, all inside one table pin: no `Arc` of the slot and no guard
 //!   object. A busy lock falls back to the waiting path.
-//! * **Delete** = lock, raise the store's version floor to the context's
+//! * **Delete** = lock, raise the version floor of the key's stripe (one of
+//!   64, each on its own cache line) to the context's
 //!   version, unlink from the table, mark the lock `DEAD` and wake every
 //!   waiter; they re-resolve the key (`NotFound`, or the re-created context).
 //!   A re-created context starts at `floor + 1`, so versions are never
