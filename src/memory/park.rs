@@ -333,6 +333,20 @@ impl List {
         }
     }
 
+    /// Whether `w` is linked here (a walk of the list; for assertions).
+    #[cfg(any(debug_assertions, ctxstore_loom))]
+    fn links(&self, w: *const Waiter) -> bool {
+        let mut p = self.head;
+        while !p.is_null() {
+            if p == w {
+                return true;
+            }
+            // SAFETY: linked waiters are alive; the caller holds the mutex.
+            p = unsafe { (*p).with_node(|n| n.next) };
+        }
+        false
+    }
+
     unsafe fn pop_front(&mut self) -> Option<*const Waiter> {
         let head = self.front()?;
         // SAFETY: see `push_back`; the head is linked here.
@@ -630,6 +644,12 @@ impl RawLock {
             }
             _ => Wake::Nobody,
         };
+        // The waiter's memory may go right after this returns: it must not
+        // be linked any more. Checked in debug builds and in the loom
+        // models (loom sees accesses, not frees, so a stale link would
+        // otherwise only show up once the freed node is read).
+        #[cfg(any(debug_assertions, ctxstore_loom))]
+        assert!(!queue.links(waiter), "a cancelled waiter is still queued");
         drop(queue);
         wake.wake();
         false
