@@ -18,6 +18,16 @@ use super::{not_found, Free, InMemoryContextStorage};
 use crate::context::{Context, ContextType};
 use crate::Result;
 
+/// What one optimistic attempt on the uncontended path did.
+enum Attempt<T, R> {
+    Done(R),
+    /// The committed version moved on: start over.
+    Conflict,
+    /// The lock is busy: commit (version, copy) on the waiting path; `R` is
+    /// the result to return if that succeeds.
+    Busy((u64, T, R)),
+}
+
 /// What the uncontended step of a conditional write did.
 enum Now<T, R> {
     Done(Result<R>),
@@ -148,7 +158,11 @@ impl InMemoryContextStorage {
         mut f: impl FnMut(&mut T) -> R + Send,
     ) -> Result<R> {
         loop {
-            let (expected, copy, out) = self.optimistic_attempt(id, &mut f)?;
+            let (expected, copy, out) = match self.optimistic_now(id, &mut f)? {
+                Attempt::Done(out) => return Ok(out),
+                Attempt::Conflict => continue,
+                Attempt::Busy(attempt) => attempt,
+            };
             match self.store_context_if(id, expected, copy).await {
                 Ok(_) => return Ok(out),
                 Err(e) if e.is_conflict() => continue,
@@ -165,7 +179,11 @@ impl InMemoryContextStorage {
         mut f: impl FnMut(&mut T) -> R,
     ) -> Result<R> {
         loop {
-            let (expected, copy, out) = self.optimistic_attempt(id, &mut f)?;
+            let (expected, copy, out) = match self.optimistic_now(id, &mut f)? {
+                Attempt::Done(out) => return Ok(out),
+                Attempt::Conflict => continue,
+                Attempt::Busy(attempt) => attempt,
+            };
             match self.store_context_if_blocking(id, expected, copy) {
                 Ok(_) => return Ok(out),
                 Err(e) if e.is_conflict() => continue,
@@ -176,20 +194,34 @@ impl InMemoryContextStorage {
 
     // ------------------------------------------------------------ internals
 
-    /// One optimistic attempt's read and change: the version it read, the
-    /// changed copy and `f`'s result. The snapshot is dropped before the
-    /// commit, so the version it held can be recycled by that commit.
-    fn optimistic_attempt<T: Context, R>(
+    /// One optimistic attempt inside one table pin: take a reference to the
+    /// committed version, run `f` on a copy of it (no lock held), then, if
+    /// the lock is free, compare and publish at once. `Busy` hands the
+    /// changed copy to the waiting path.
+    fn optimistic_now<T: Context, R>(
         &self,
         id: Uuid,
         f: &mut impl FnMut(&mut T) -> R,
-    ) -> Result<(u64, T, R)> {
-        let seen = self.snapshot::<T>(id)?;
-        let mut copy = T::clone(&seen);
-        let expected = seen.version();
-        drop(seen);
-        let out = f(&mut copy);
-        Ok((expected, copy, out))
+    ) -> Result<Attempt<T, R>> {
+        let attempt = self.table.with::<T, _>(id, |slot| {
+            // SAFETY: `with` pins the collector `drain_limbo` retires into.
+            let seen = unsafe { slot.load() };
+            let expected = seen.version();
+            let mut copy = T::clone(seen.value());
+            // Dropped before the commit, so that the commit can recycle the
+            // version it held.
+            drop(seen);
+            let out = f(&mut copy);
+            match slot.lock.try_lock() {
+                Outcome::Locked => match self.store_if_locked(slot, id, expected, copy) {
+                    Ok(_) => Attempt::Done(out),
+                    Err(_) => Attempt::Conflict,
+                },
+                // Held, or deleted under us (the waiting path re-resolves).
+                Outcome::Busy | Outcome::Dead => Attempt::Busy((expected, copy, out)),
+            }
+        });
+        attempt.ok_or_else(|| not_found::<T>(id))
     }
 
     /// The uncontended conditional store: compare and publish inside the
