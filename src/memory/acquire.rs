@@ -58,7 +58,6 @@ enum Phase {
 /// One acquisition of `lock` (see the module docs).
 pub(crate) struct Acquire {
     lock: NonNull<RawLock>,
-    fair_after: Duration,
     phase: Phase,
     waiter: Waiter,
     _pinned: PhantomPinned,
@@ -71,15 +70,18 @@ unsafe impl Send for Acquire {}
 unsafe impl Sync for Acquire {}
 
 impl Acquire {
+    /// An acquisition that starts now: the waiter's arrival time (from
+    /// which the store's fairness bound `fair_after` runs) is taken here,
+    /// since an acquisition is only created on the waiting path.
+    ///
     /// # Safety
     /// `lock` outlives the returned value (it is dropped, or finishes,
     /// before the lock's slot can be freed).
     pub(crate) unsafe fn new(lock: &RawLock, fair_after: Duration) -> Self {
         Self {
             lock: NonNull::from(lock),
-            fair_after,
             phase: Phase::Idle,
-            waiter: Waiter::new(),
+            waiter: Waiter::new(Since::now(fair_after)),
             _pinned: PhantomPinned,
         }
     }
@@ -117,19 +119,13 @@ impl Acquire {
         if tried != Outcome::Busy {
             return tried;
         }
-        let since = Since::now(self.fair_after);
         let notify = match by {
             By::Task(waker) => Notify::Waker(waker.clone()),
             By::Thread => Notify::Thread(current_thread()),
         };
         // SAFETY: never linked yet, so the node is ours; written before
         // `enqueue` links it (and publishes it under the queue mutex).
-        unsafe {
-            self.waiter.with_node(|n| {
-                n.since = since;
-                n.notify = notify;
-            })
-        };
+        unsafe { self.waiter.with_node(|n| n.notify = notify) };
         // SAFETY: the waiter is pinned inside `self` (see `step`), and stays
         // alive until completed or cancelled (`Drop`); its node is set.
         let queued = unsafe { self.lock().enqueue(&self.waiter, Place::Back) };

@@ -288,21 +288,16 @@ impl InMemoryContextStorage {
     /// The bounds (`f` and its result `Send`) are those of
     /// [`ContextStorageExt::update_context`](crate::ContextStorageExt::update_context),
     /// so code moves between the two unchanged.
-    pub async fn update_context<T: Context, R: Send>(
-        &self,
+    pub fn update_context<'a, T: Context, R: Send>(
+        &'a self,
         id: Uuid,
-        f: impl FnOnce(&mut T) -> R + Send,
-    ) -> Result<R> {
-        let mut f = Some(f);
-        match self.update_now(id, &mut f) {
-            Some(done) => done,
-            None => {
-                let f = f.take().expect("not run when the lock was busy");
-                let mut guard = self.lock_wait::<T>(id).await?;
-                let out = f(&mut guard);
-                guard.commit()?;
-                Ok(out)
-            }
+        f: impl FnOnce(&mut T) -> R + Send + 'a,
+    ) -> impl Future<Output = Result<R>> + Send + 'a {
+        UpdateContext {
+            store: self,
+            id,
+            f: Some(f),
+            waiting: None,
         }
     }
 
@@ -379,15 +374,16 @@ impl InMemoryContextStorage {
         f: impl FnOnce(&mut T) -> R,
     ) -> Result<R> {
         let mut f = Some(f);
-        match self.update_now(id, &mut f) {
-            Some(done) => done,
-            None => {
-                let f = f.take().expect("not run when the lock was busy");
-                let mut guard = self.lock_blocking::<T>(id, None)?;
-                let out = f(&mut guard);
-                guard.commit()?;
-                Ok(out)
+        loop {
+            if let Some(done) = self.update_now(id, &mut f) {
+                return done;
             }
+            let slot = self.table.get::<T>(id).ok_or_else(|| not_found::<T>(id))?;
+            if lock_slot_blocking(&slot, None, self.fair_after) == Outcome::Locked {
+                let f = f.take().expect("not run when the lock was busy");
+                return Ok(self.update_acquired(&slot, id, f));
+            }
+            // The slot died (its context was deleted) first: re-resolve.
         }
     }
 
@@ -469,6 +465,23 @@ impl InMemoryContextStorage {
             Free::Done(out) => Some(Ok(out)),
             Free::Busy => None,
             Free::Absent => Some(Err(not_found::<T>(id))),
+        }
+    }
+
+    /// `update_context`'s step once the waiting path has acquired `slot`:
+    /// the same one-step update as the uncontended path (no guard object).
+    fn update_acquired<T: Context, R>(
+        &self,
+        slot: &Slot<T>,
+        id: Uuid,
+        f: impl FnOnce(&mut T) -> R,
+    ) -> R {
+        // SAFETY: the caller has just acquired the lock, which
+        // `update_locked` releases; the caller's `Arc` keeps the slot alive
+        // and the table's collector is the one every reader pins.
+        unsafe {
+            slot.drain_limbo(self.table.collector());
+            self::guard::update_locked(slot, id, f)
         }
     }
 
@@ -692,6 +705,66 @@ impl<T: Context> Future for GetContext<'_, T> {
         unsafe { self.map_unchecked_mut(|s| &mut s.0) }
             .poll(cx)
             .map(|locked| locked.map(ContextGuard::from_memory))
+    }
+}
+
+/// `update_context`'s future: the uncontended one-step update at its first
+/// poll; only a busy lock makes it wait in a [`LockSlot`], after which the
+/// same one-step update runs. Hand-written so that its state is just the
+/// arguments and the one waiting acquisition (an `async fn` kept a second
+/// copy of the waiting path's state and made every call move a larger
+/// future).
+///
+/// # Cancel safety
+/// As `LockSlot`'s; once `f` has run the commit cannot be cut.
+struct UpdateContext<'a, T, F> {
+    store: &'a InMemoryContextStorage,
+    id: Uuid,
+    f: Option<F>,
+    waiting: Option<LockSlot<T>>,
+}
+
+impl<T: Context, R, F: FnOnce(&mut T) -> R> Future for UpdateContext<'_, T, F> {
+    type Output = Result<R>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        // SAFETY: `waiting` is structurally pinned (polled in place, dropped
+        // in place by assignment, never moved out); the other fields are not
+        // pinned.
+        let this = unsafe { self.get_unchecked_mut() };
+        loop {
+            // SAFETY: as above.
+            let waiting = unsafe { Pin::new_unchecked(&mut this.waiting) };
+            match waiting.as_pin_mut() {
+                None => {
+                    if let Some(done) = this.store.update_now(this.id, &mut this.f) {
+                        return Poll::Ready(done);
+                    }
+                    let Some(slot) = this.store.table.get::<T>(this.id) else {
+                        return Poll::Ready(Err(not_found::<T>(this.id)));
+                    };
+                    // Not linked yet, so moving it into place is fine.
+                    this.waiting = Some(LockSlot::new(slot, this.store.fair_after));
+                }
+                Some(waiting) => match waiting.poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(locked) => {
+                        // The acquisition has finished (unlinked): drop it.
+                        this.waiting = None;
+                        if let Some(slot) = locked {
+                            let f = this
+                                .f
+                                .take()
+                                .expect("UpdateContext polled after completion");
+                            return Poll::Ready(Ok(this.store.update_acquired(&slot, this.id, f)));
+                        }
+                        // The slot died (its context was deleted) first:
+                        // re-resolve the key.
+                    }
+                },
+            }
+        }
     }
 }
 

@@ -136,9 +136,10 @@ pub(crate) struct Node {
     prev: *const Waiter,
     next: *const Waiter,
     pub(crate) notify: Notify,
-    /// When it is owed a hand-off: its first queueing plus the store's
-    /// fairness bound (kept when it re-queues after a wake-up).
-    pub(crate) since: Since,
+    /// When it is owed a hand-off: the start of its acquisition's waiting
+    /// path plus the store's fairness bound (kept when it re-queues after a
+    /// wake-up).
+    since: Since,
 }
 
 // SAFETY: `node` is accessed by the owner only while the waiter is not
@@ -150,14 +151,15 @@ unsafe impl Send for Waiter {}
 unsafe impl Sync for Waiter {}
 
 impl Waiter {
-    pub(crate) fn new() -> Self {
+    /// A waiter that arrived at `since` (see [`Node::since`]).
+    pub(crate) fn new(since: Since) -> Self {
         Self {
             state: AtomicU8::new(IDLE),
             node: UnsafeCell::new(Node {
                 prev: ptr::null(),
                 next: ptr::null(),
                 notify: Notify::None,
-                since: Since::now(Duration::ZERO),
+                since,
             }),
             _pinned: PhantomPinned,
         }
