@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::error::{boxed, message, BoxError, ContextError};
+use crate::error::{boxed, message, BoxError, ContextError, ContextKey};
 use crate::guard::Versioned;
 use crate::storage::{ErasedValue, MemOps, RawSnapshot};
 
@@ -159,21 +159,23 @@ impl ContextType {
         (self.snapshot_of)(value, version)
     }
 
+    /// The [`ContextKey`] of this type's context `id`, or of the type as a
+    /// whole (`None`).
+    pub fn key(&self, id: Option<Uuid>) -> ContextKey {
+        ContextKey::new(self, id)
+    }
+
     /// `ContextError::NotFound` for this type and `id`.
     pub fn not_found(&self, id: Uuid) -> ContextError {
         ContextError::NotFound {
-            kind: self.kind(),
-            type_name: self.type_name(),
-            id,
+            key: ContextKey::new(self, Some(id)),
         }
     }
 
     /// `ContextError::Codec` for this type.
     pub fn codec_error(&self, id: Option<Uuid>, source: BoxError) -> ContextError {
         ContextError::Codec {
-            kind: self.kind(),
-            type_name: self.type_name(),
-            id,
+            key: ContextKey::new(self, id),
             source,
         }
     }
@@ -181,9 +183,7 @@ impl ContextType {
     /// `ContextError::Backend` for this type.
     pub fn backend_error(&self, id: Option<Uuid>, source: impl Into<BoxError>) -> ContextError {
         ContextError::Backend {
-            kind: self.kind(),
-            type_name: self.type_name(),
-            id,
+            key: ContextKey::new(self, id),
             source: source.into(),
         }
     }
@@ -191,18 +191,14 @@ impl ContextType {
     /// `ContextError::WouldBlock` for this type and `id`.
     pub fn would_block(&self, id: Uuid) -> ContextError {
         ContextError::WouldBlock {
-            kind: self.kind(),
-            type_name: self.type_name(),
-            id,
+            key: ContextKey::new(self, Some(id)),
         }
     }
 
     /// `ContextError::Timeout` for this type and `id`.
     pub fn timeout(&self, id: Uuid, waited: std::time::Duration) -> ContextError {
         ContextError::Timeout {
-            kind: self.kind(),
-            type_name: self.type_name(),
-            id,
+            key: ContextKey::new(self, Some(id)),
             waited,
         }
     }
@@ -210,18 +206,14 @@ impl ContextType {
     /// `ContextError::LeaseLost` for this type and `id`.
     pub fn lease_lost(&self, id: Uuid) -> ContextError {
         ContextError::LeaseLost {
-            kind: self.kind(),
-            type_name: self.type_name(),
-            id,
+            key: ContextKey::new(self, Some(id)),
         }
     }
 
     /// `ContextError::Conflict` for this type and `id`.
     pub fn conflict(&self, id: Uuid, expected: u64, found: u64) -> ContextError {
         ContextError::Conflict {
-            kind: self.kind(),
-            type_name: self.type_name(),
-            id,
+            key: ContextKey::new(self, Some(id)),
             expected,
             found,
         }

@@ -111,7 +111,7 @@ mod sync;
 mod util;
 
 pub use context::{Context, ContextType};
-pub use error::{BoxError, ContextError, Result};
+pub use error::{BoxError, ContextError, ContextKey, Result};
 pub use global::{
     context_storage, set_context_storage, with_context_storage, with_context_storage_blocking,
 };

@@ -72,7 +72,7 @@ use tokio_postgres::NoTls;
 use uuid::Uuid;
 
 use crate::context::ContextType;
-use crate::error::{boxed, message, BoxError, ContextError};
+use crate::error::{boxed, message, BoxError, ContextError, ContextKey};
 use crate::storage::{BoxFuture, ContextStorage, ErasedValue, Lease, RawGuard, RawSnapshot, Wait};
 use crate::Result;
 
@@ -489,9 +489,7 @@ impl PostgresContextStorageBuilder {
 
 fn setup_error(msg: impl Into<String>) -> ContextError {
     ContextError::Backend {
-        kind: "postgres",
-        type_name: "PostgresContextStorage",
-        id: None,
+        key: ContextKey::of_backend("postgres", "PostgresContextStorage"),
         source: message(msg),
     }
 }

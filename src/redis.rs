@@ -80,7 +80,7 @@ use uuid::Uuid;
 use crate::context::ContextType;
 use crate::error::{boxed, message};
 use crate::storage::{BoxFuture, ContextStorage, ErasedValue, Lease, RawGuard, RawSnapshot, Wait};
-use crate::{ContextError, Result};
+use crate::{ContextError, ContextKey, Result};
 
 const DEFAULT_LEASE: Duration = Duration::from_secs(5);
 const MIN_LEASE: Duration = Duration::from_millis(10);
@@ -461,9 +461,7 @@ async fn watch_subscription(inner: Weak<Inner>, renew: Duration) {
 
 fn setup_error(source: crate::BoxError) -> ContextError {
     ContextError::Backend {
-        kind: "redis",
-        type_name: "RedisContextStorage",
-        id: None,
+        key: ContextKey::of_backend("redis", "RedisContextStorage"),
         source,
     }
 }
