@@ -8,10 +8,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::error::{boxed, message, BoxError, ContextError};
+use crate::error::{boxed, message, BoxError, ContextError, ContextKey};
 use crate::guard::Versioned;
-use crate::storage::{BoxFuture, ErasedValue, RawGuard, RawSnapshot, Wait};
-use crate::InMemoryContextStorage;
+use crate::storage::{ErasedValue, MemOps, RawSnapshot};
 
 /// A value that can be stored as a context.
 ///
@@ -53,26 +52,6 @@ pub struct ContextType {
     pub(crate) mem: MemOps,
 }
 
-/// The in-memory engine's entry points for one type, so that it can be driven
-/// through `dyn ContextStorage` (its raw methods) without boxing values.
-pub(crate) struct MemOps {
-    pub(crate) store: for<'a> fn(
-        &'a InMemoryContextStorage,
-        Uuid,
-        ErasedValue,
-    ) -> BoxFuture<'a, crate::Result<u64>>,
-    pub(crate) lock: for<'a> fn(
-        &'a InMemoryContextStorage,
-        Uuid,
-        Wait,
-    ) -> BoxFuture<'a, crate::Result<RawGuard>>,
-    pub(crate) snapshot: fn(&InMemoryContextStorage, Uuid) -> crate::Result<RawSnapshot>,
-    pub(crate) delete:
-        for<'a> fn(&'a InMemoryContextStorage, Uuid) -> BoxFuture<'a, crate::Result<()>>,
-    pub(crate) contains: fn(&InMemoryContextStorage, Uuid) -> bool,
-    pub(crate) ids: fn(&InMemoryContextStorage) -> Vec<Uuid>,
-}
-
 struct Describe<T>(std::marker::PhantomData<T>);
 
 impl<T: Context> Describe<T> {
@@ -84,14 +63,7 @@ impl<T: Context> Describe<T> {
         decode: decode::<T>,
         decode_snapshot: decode_snapshot::<T>,
         snapshot_of: snapshot_of::<T>,
-        mem: MemOps {
-            store: crate::memory::raw::store::<T>,
-            lock: crate::memory::raw::lock::<T>,
-            snapshot: crate::memory::raw::snapshot::<T>,
-            delete: crate::memory::raw::delete::<T>,
-            contains: crate::memory::raw::contains::<T>,
-            ids: crate::memory::raw::ids::<T>,
-        },
+        mem: MemOps::of::<T>(),
     };
 }
 
@@ -187,21 +159,23 @@ impl ContextType {
         (self.snapshot_of)(value, version)
     }
 
+    /// The [`ContextKey`] of this type's context `id`, or of the type as a
+    /// whole (`None`).
+    pub fn key(&self, id: Option<Uuid>) -> ContextKey {
+        ContextKey::new(self, id)
+    }
+
     /// `ContextError::NotFound` for this type and `id`.
     pub fn not_found(&self, id: Uuid) -> ContextError {
         ContextError::NotFound {
-            kind: self.kind(),
-            type_name: self.type_name(),
-            id,
+            key: ContextKey::new(self, Some(id)),
         }
     }
 
     /// `ContextError::Codec` for this type.
     pub fn codec_error(&self, id: Option<Uuid>, source: BoxError) -> ContextError {
         ContextError::Codec {
-            kind: self.kind(),
-            type_name: self.type_name(),
-            id,
+            key: ContextKey::new(self, id),
             source,
         }
     }
@@ -209,9 +183,7 @@ impl ContextType {
     /// `ContextError::Backend` for this type.
     pub fn backend_error(&self, id: Option<Uuid>, source: impl Into<BoxError>) -> ContextError {
         ContextError::Backend {
-            kind: self.kind(),
-            type_name: self.type_name(),
-            id,
+            key: ContextKey::new(self, id),
             source: source.into(),
         }
     }
@@ -219,18 +191,14 @@ impl ContextType {
     /// `ContextError::WouldBlock` for this type and `id`.
     pub fn would_block(&self, id: Uuid) -> ContextError {
         ContextError::WouldBlock {
-            kind: self.kind(),
-            type_name: self.type_name(),
-            id,
+            key: ContextKey::new(self, Some(id)),
         }
     }
 
     /// `ContextError::Timeout` for this type and `id`.
     pub fn timeout(&self, id: Uuid, waited: std::time::Duration) -> ContextError {
         ContextError::Timeout {
-            kind: self.kind(),
-            type_name: self.type_name(),
-            id,
+            key: ContextKey::new(self, Some(id)),
             waited,
         }
     }
@@ -238,18 +206,14 @@ impl ContextType {
     /// `ContextError::LeaseLost` for this type and `id`.
     pub fn lease_lost(&self, id: Uuid) -> ContextError {
         ContextError::LeaseLost {
-            kind: self.kind(),
-            type_name: self.type_name(),
-            id,
+            key: ContextKey::new(self, Some(id)),
         }
     }
 
     /// `ContextError::Conflict` for this type and `id`.
     pub fn conflict(&self, id: Uuid, expected: u64, found: u64) -> ContextError {
         ContextError::Conflict {
-            kind: self.kind(),
-            type_name: self.type_name(),
-            id,
+            key: ContextKey::new(self, Some(id)),
             expected,
             found,
         }

@@ -233,13 +233,24 @@ pub trait ContextStorageExt: ContextStorage {
     /// synchronously, so once it runs the commit is not interrupted by the
     /// caller (a remote commit may still be cut short, in which case it is
     /// either applied whole or not at all).
-    fn update_context<T, R, F>(&self, id: Uuid, f: F) -> impl Future<Output = Result<R>> + Send + '_
+    ///
+    /// The bounds are the inherent
+    /// [`InMemoryContextStorage::update_context`]'s, so code moves between
+    /// the two unchanged.
+    fn update_context<'a, T, R, F>(
+        &'a self,
+        id: Uuid,
+        f: F,
+    ) -> impl Future<Output = Result<R>> + Send + 'a
     where
         T: Context,
-        R: Send + 'static,
-        F: FnOnce(&mut T) -> R + Send + 'static,
+        R: Send + 'a,
+        F: FnOnce(&mut T) -> R + Send + 'a,
     {
         async move {
+            if let Some(memory) = self.as_in_memory() {
+                return memory.update_context(id, f).await;
+            }
             let mut guard = self.get_context::<T>(id).await?;
             let out = f(&mut guard);
             guard.commit().await?;
@@ -321,4 +332,27 @@ where
             )),
         },
     }
+}
+
+/// The in-memory engine's entry points for one type, kept in its
+/// [`ContextType`] so that the engine can be driven through
+/// `dyn ContextStorage` (its raw methods) without boxing values. Built by
+/// `MemOps::of` in `memory/erased.rs`; with [`ContextStorage::as_in_memory`]
+/// the only places outside the engine that name it.
+pub(crate) struct MemOps {
+    pub(crate) store: for<'a> fn(
+        &'a InMemoryContextStorage,
+        Uuid,
+        ErasedValue,
+    ) -> BoxFuture<'a, crate::Result<u64>>,
+    pub(crate) lock: for<'a> fn(
+        &'a InMemoryContextStorage,
+        Uuid,
+        Wait,
+    ) -> BoxFuture<'a, crate::Result<RawGuard>>,
+    pub(crate) snapshot: fn(&InMemoryContextStorage, Uuid) -> crate::Result<RawSnapshot>,
+    pub(crate) delete:
+        for<'a> fn(&'a InMemoryContextStorage, Uuid) -> BoxFuture<'a, crate::Result<()>>,
+    pub(crate) contains: fn(&InMemoryContextStorage, Uuid) -> bool,
+    pub(crate) ids: fn(&InMemoryContextStorage) -> Vec<Uuid>,
 }

@@ -1,7 +1,7 @@
 //! The one module that names std or loom primitives.
 //!
 //! Everything in the engine that takes part in the slot protocol (atomics,
-//! `Arc`, `Mutex`, thread parking, `UnsafeCell` and the versions' race check)
+//! `Mutex`, thread parking, `UnsafeCell` and the versions' race check)
 //! is imported from here, so that `RUSTFLAGS="--cfg ctxstore_loom"` swaps the
 //! whole protocol onto loom's model-checked types (see `loom-tests/`). The cfg
 //! is renamed from the usual `loom` because tokio reacts to `cfg(loom)`.
@@ -15,7 +15,6 @@ mod imp {
     pub(crate) use std::sync::atomic::{
         fence, AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering,
     };
-    pub(crate) use std::sync::Arc;
     pub(crate) use std::thread::{current as current_thread, park, Thread};
 
     /// Parks the current thread for at most `dur` (a timed blocking wait).
@@ -123,7 +122,6 @@ mod imp {
     pub(crate) use loom::sync::atomic::{
         fence, AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering,
     };
-    pub(crate) use loom::sync::Arc;
     pub(crate) use loom::thread::{current as current_thread, park, Thread};
 
     /// Loom has no timed park: a timed wait is modelled as a plain park

@@ -767,3 +767,48 @@ fn versions_held_by_snapshots_across_commits_are_released_exactly_once() {
     drop(held);
     store.delete_context_blocking::<JobContext>(id).unwrap();
 }
+
+/// `update_context` takes the same closures on the inherent method and
+/// through `dyn ContextStorage` (issue #13: the erased one used to demand
+/// `'static`): here one that borrows a local, on both paths. A compile-time
+/// check as much as a run-time one.
+#[tokio::test]
+async fn update_context_takes_the_same_closures_on_every_path() {
+    let store = Arc::new(InMemoryContextStorage::new());
+    let id = Uuid::new_v4();
+    store.store_context(id, job(0)).await.unwrap();
+    let step = 2_u64;
+    let by = &step;
+    let bump = |c: &mut JobContext| {
+        c.processed += *by;
+        c.processed
+    };
+    assert_eq!(store.update_context(id, bump).await.unwrap(), 2);
+    let erased: Arc<dyn ContextStorage> = store.clone();
+    assert_eq!(erased.update_context(id, bump).await.unwrap(), 4);
+    assert_eq!(store.snapshot::<JobContext>(id).unwrap().processed, 4);
+}
+
+/// The futures of the hot calls stay small: a caller moves them (into its
+/// own future, into `spawn`), and a bigger one costs a `memcpy` per call.
+/// The intrusive waiter node lives inside them, so this guards against it
+/// growing unnoticed (at 232 bytes, `update_context` cost ~60 more
+/// instructions per uncontended call in the W2 benchmark). Sizes measured
+/// with Rust 1.95: `update_context` 120 bytes, `get_context` 112.
+#[test]
+fn the_hot_futures_stay_small() {
+    let store = InMemoryContextStorage::new();
+    let id = Uuid::new_v4();
+    let update = store.update_context(id, |c: &mut JobContext| c.processed += 1);
+    let get = store.get_context::<JobContext>(id);
+    assert!(
+        std::mem::size_of_val(&update) <= 160,
+        "update_context's future grew to {} bytes",
+        std::mem::size_of_val(&update)
+    );
+    assert!(
+        std::mem::size_of_val(&get) <= 160,
+        "get_context's future grew to {} bytes",
+        std::mem::size_of_val(&get)
+    );
+}

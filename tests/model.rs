@@ -1,8 +1,11 @@
 //! The op-sequence model of `fuzz/` (`ops_vs_model`), driven by proptest so
 //! stable `cargo test` checks it too: random interleavings of store, get,
 //! mutate, commit, rollback, drop, snapshot, try, timeout(0), delete,
-//! contains and ids over several hand-polled tasks, compared result by
-//! result with a sequential model. See `fuzz/src/model.rs` for the model.
+//! contains, ids and the conditional writes (`store_context_if`,
+//! `delete_context_if`, `update_context_optimistic`, async and blocking)
+//! over several hand-polled tasks, compared result by result with a
+//! sequential model. See `fuzz/src/model.rs` for the model and
+//! `fuzz/src/scenarios.rs` for the hand-written conditional sequences.
 //!
 //! `PROPTEST_CASES=5000 cargo test --test model` runs more cases.
 
@@ -10,7 +13,10 @@
 #[path = "../fuzz/src/model.rs"]
 mod model;
 
-use model::{BlockingOp, Key, Op, Ty, Via};
+#[path = "../fuzz/src/scenarios.rs"]
+mod scenarios;
+
+use model::{BlockingOp, Expected, Key, Op, Ty, Via};
 use proptest::prelude::*;
 
 fn ty() -> impl Strategy<Value = Ty> {
@@ -29,6 +35,15 @@ fn task() -> impl Strategy<Value = u8> {
     0..model::TASKS
 }
 
+fn expected() -> impl Strategy<Value = Expected> {
+    prop_oneof![
+        1 => Just(Expected::Zero),
+        3 => Just(Expected::Current),
+        1 => Just(Expected::Stale),
+        2 => Just(Expected::Next),
+    ]
+}
+
 fn blocking_op() -> impl Strategy<Value = BlockingOp> {
     prop_oneof![
         Just(BlockingOp::Store),
@@ -37,6 +52,9 @@ fn blocking_op() -> impl Strategy<Value = BlockingOp> {
         Just(BlockingOp::Delete),
         Just(BlockingOp::Try),
         Just(BlockingOp::Timeout0),
+        expected().prop_map(BlockingOp::StoreIf),
+        expected().prop_map(BlockingOp::DeleteIf),
+        Just(BlockingOp::Optimistic),
     ]
 }
 
@@ -65,6 +83,12 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(key, via, keep)| Op::Snapshot { key, via, keep }),
         1 => (key(), via()).prop_map(|(key, via)| Op::Contains { key, via }),
         1 => (ty(), via()).prop_map(|(ty, via)| Op::Ids { ty, via }),
+        2 => (task(), key(), any::<u8>(), expected())
+            .prop_map(|(task, key, val, expected)| Op::StoreIf { task, key, val, expected }),
+        1 => (task(), key(), expected())
+            .prop_map(|(task, key, expected)| Op::DeleteIf { task, key, expected }),
+        2 => (task(), key(), any::<u8>())
+            .prop_map(|(task, key, val)| Op::Optimistic { task, key, val }),
     ]
 }
 
@@ -154,4 +178,16 @@ fn handoff_cancel_delete_and_recreate() {
         },
         Op::Poll { task: 3 },
     ]);
+}
+
+/// The conditional writes' hand-written sequences (`fuzz/src/scenarios.rs`,
+/// also the fuzzer's `cond-*` seeds): waiting behind a guard then
+/// conflicting, re-queueing after a conflict, killed and re-created keys,
+/// create-once, the blocking forms.
+#[test]
+fn conditional_scenarios() {
+    for (name, ops) in scenarios::conditional() {
+        eprintln!("scenario {name}");
+        model::run(&ops);
+    }
 }

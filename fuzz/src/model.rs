@@ -29,12 +29,25 @@
 //! * `try` gives `WouldBlock` if held; a zero timeout gives `Timeout` if held
 //!   and never waits; `Duration::MAX` waits like `get`;
 //! * snapshots, `contains` and `ids` never wait, and a snapshot keeps showing
-//!   the version it was taken at.
+//!   the version it was taken at;
+//! * conditional writes (`store_context_if`, `delete_context_if`,
+//!   `update_context_optimistic` and their `_blocking` forms; inherent
+//!   only) are writers: they wait for a held key like `store`, then compare
+//!   the committed version with the expected one (`Conflict { expected,
+//!   found }` on a mismatch, releasing the lock to the next waiter and
+//!   changing nothing). `store_context_if` with 0 creates an absent key at
+//!   once; with anything else an absent key is `NotFound`, as for the
+//!   other two. The optimistic update reads the committed version when it
+//!   starts (even while a guard holds the key), runs its closure on a copy,
+//!   and on a conflict reads again, runs the closure again and goes back
+//!   to the lock (behind the queue if the release handed the lock on); the
+//!   model predicts how many times the closure runs.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::task::{Context as TaskCx, Poll, Waker};
 use std::time::Duration;
 
@@ -129,6 +142,24 @@ pub enum Via {
     Raw,
 }
 
+/// The version a conditional write expects, chosen from what the model
+/// knows when the op starts. Versions are never predicted, only learnt from
+/// the engine (and checked to increase), so these name versions relative
+/// to the key's history.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expected {
+    /// 0: "only if no context exists" (create-once).
+    Zero,
+    /// The key's newest version (if it is absent: the last one it had).
+    Current,
+    /// The version before that (0 if none): a stale read, also one from
+    /// before a delete and re-create.
+    Stale,
+    /// One above the newest: matches only if exactly one write lands (or a
+    /// re-create reuses the next number) while the op waits.
+    Next,
+}
+
 /// An op run from a plain thread with a `_blocking` method. Ops that would
 /// wait (the model says the lock is held) are skipped, so nothing parks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -145,6 +176,12 @@ pub enum BlockingOp {
     Try,
     /// `get_context_timeout_blocking(id, Duration::ZERO)`.
     Timeout0,
+    /// `store_context_if_blocking` (the op's `val`).
+    StoreIf(Expected),
+    /// `delete_context_if_blocking`.
+    DeleteIf(Expected),
+    /// `update_context_optimistic_blocking` (scramble with the op's `val`).
+    Optimistic,
 }
 
 /// One step of a sequence. `task` is folded into `0..TASKS`; an op on a task
@@ -175,6 +212,22 @@ pub enum Op {
     Try { task: u8, key: Key, via: Via },
     /// `get_context_timeout(id, Duration::ZERO)`.
     Timeout0 { task: u8, key: Key, via: Via },
+    /// Start `store_context_if` (inherent only, for now).
+    StoreIf {
+        task: u8,
+        key: Key,
+        val: u8,
+        expected: Expected,
+    },
+    /// Start `delete_context_if` (inherent only, for now).
+    DeleteIf {
+        task: u8,
+        key: Key,
+        expected: Expected,
+    },
+    /// Start `update_context_optimistic` (scramble with `val`, return the
+    /// old value; inherent only, for now).
+    Optimistic { task: u8, key: Key, val: u8 },
     /// A `_blocking` op that will not wait.
     Blocking {
         task: u8,
@@ -334,6 +387,8 @@ enum Outcome {
     Guard(AnyGuard),
     Stored(u64),
     Updated(Val),
+    /// An optimistic update: the old value and how often the closure ran.
+    Optimistic(Val, u32),
     Deleted,
     Err(ContextError),
 }
@@ -347,6 +402,9 @@ impl fmt::Debug for Outcome {
             }
             Outcome::Stored(v) => write!(f, "Stored(@ {v})"),
             Outcome::Updated(old) => write!(f, "Updated(old {old:?})"),
+            Outcome::Optimistic(old, runs) => {
+                write!(f, "Optimistic(old {old:?}, closure ran {runs}×)")
+            }
             Outcome::Deleted => f.write_str("Deleted"),
             Outcome::Err(e) => write!(f, "Err({e})"),
         }
@@ -387,6 +445,21 @@ enum WaitOp {
     Store(u8),
     Update(u8),
     Delete,
+    StoreIf {
+        val: u8,
+        expected: u64,
+    },
+    DeleteIf {
+        expected: u64,
+    },
+    /// `seen`: the version the current attempt read (the model's state;
+    /// the engine future only uses `by`); `runs`: how often the closure has
+    /// run, this attempt included.
+    Optimistic {
+        by: u8,
+        seen: u64,
+        runs: u32,
+    },
 }
 
 fn start<'s, T: ModelType>(s: Stores<'s>, id: Uuid, op: &WaitOp, via: Via) -> Fut<'s> {
@@ -473,6 +546,32 @@ fn start<'s, T: ModelType>(s: Stores<'s>, id: Uuid, op: &WaitOp, via: Via) -> Fu
         (WaitOp::Delete, Via::Raw) => {
             Box::pin(async move { outcome(s.dyn_.delete_raw(ty, id).await, |()| Outcome::Deleted) })
         }
+        // Conditional writes are inherent-only for now (`via` is ignored).
+        (WaitOp::StoreIf { val, expected }, _) => Box::pin(async move {
+            let value = T::from_val(&fresh(T::TY, val));
+            outcome(
+                s.mem.store_context_if(id, expected, value).await,
+                Outcome::Stored,
+            )
+        }),
+        (WaitOp::DeleteIf { expected }, _) => Box::pin(async move {
+            outcome(s.mem.delete_context_if::<T>(id, expected).await, |()| {
+                Outcome::Deleted
+            })
+        }),
+        (WaitOp::Optimistic { by, .. }, _) => Box::pin(async move {
+            let runs = AtomicU32::new(0);
+            let r = s
+                .mem
+                .update_context_optimistic(id, |x: &mut T| {
+                    runs.fetch_add(1, Relaxed);
+                    let old = x.to_val();
+                    x.apply(by);
+                    old
+                })
+                .await;
+            outcome(r, |old| Outcome::Optimistic(old, runs.load(Relaxed)))
+        }),
     }
 }
 
@@ -539,6 +638,37 @@ fn blocking<T: ModelType>(s: Stores<'_>, id: Uuid, op: BlockingOp, val: u8) -> O
             m.get_context_timeout_blocking::<T>(id, Duration::ZERO),
             wrap,
         ),
+        BlockingOp::StoreIf(_) | BlockingOp::DeleteIf(_) | BlockingOp::Optimistic => {
+            unreachable!("conditional blocking ops go through `blocking_if`")
+        }
+    }
+}
+
+/// The conditional `_blocking` ops, with the expected version the model
+/// resolved.
+fn blocking_if<T: ModelType>(s: Stores<'_>, id: Uuid, op: &WaitOp) -> Outcome {
+    let m = s.mem;
+    match *op {
+        WaitOp::StoreIf { val, expected } => outcome(
+            m.store_context_if_blocking(id, expected, T::from_val(&fresh(T::TY, val))),
+            Outcome::Stored,
+        ),
+        WaitOp::DeleteIf { expected } => {
+            outcome(m.delete_context_if_blocking::<T>(id, expected), |()| {
+                Outcome::Deleted
+            })
+        }
+        WaitOp::Optimistic { by, .. } => {
+            let mut runs = 0;
+            let r = m.update_context_optimistic_blocking(id, |x: &mut T| {
+                runs += 1;
+                let old = x.to_val();
+                x.apply(by);
+                old
+            });
+            outcome(r, |old| Outcome::Optimistic(old, runs))
+        }
+        ref other => unreachable!("not a conditional op: {other:?}"),
     }
 }
 
@@ -596,6 +726,7 @@ enum ErrKind {
     NotFound,
     WouldBlock,
     Timeout,
+    Conflict { expected: u64, found: u64 },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -630,6 +761,7 @@ enum Expect {
     Guard { value: Val, version: u64 },
     Stored,
     Updated { old: Val },
+    Optimistic { old: Val, runs: u32 },
     Deleted,
     Err(ErrKind),
 }
@@ -639,6 +771,8 @@ struct Model {
     keys: HashMap<Key, MKey>,
     /// The highest version each key ever had (kept across deletes).
     max_seen: HashMap<Key, u64>,
+    /// The version each key had before that (for [`Expected::Stale`]).
+    prev_seen: HashMap<Key, u64>,
     tasks: Vec<MTask>,
 }
 
@@ -672,8 +806,14 @@ impl Model {
         let Some(k) = self.keys.get_mut(&key) else {
             self.tasks[usize::from(task)] = MTask::Idle;
             return match op {
-                WaitOp::Store(v) => {
-                    // Version: checked and filled in by `stored`.
+                // Only `store_context_if` at 0 creates, of the conditional
+                // writes.
+                WaitOp::Store(v)
+                | WaitOp::StoreIf {
+                    val: v,
+                    expected: 0,
+                } => {
+                    // Version: checked and filled in by `written`.
                     self.keys.insert(
                         key,
                         MKey {
@@ -735,17 +875,82 @@ impl Model {
                 self.release(key);
                 Expect::Updated { old }
             }
-            WaitOp::Delete => {
-                let k = self.keys.remove(&key).expect("checked above");
-                for waiter in k.queue {
-                    match &mut self.tasks[usize::from(waiter)] {
-                        MTask::Waiting { phase, .. } => *phase = Phase::Killed,
-                        other => panic!("model bug: queued task in state {other:?}"),
-                    }
-                }
+            WaitOp::Delete => self.unlink(task, key),
+            WaitOp::StoreIf { val, expected } => {
+                let found = k.version;
                 self.tasks[usize::from(task)] = MTask::Idle;
-                Expect::Deleted
+                if found != expected {
+                    self.release(key);
+                    return Expect::Err(ErrKind::Conflict { expected, found });
+                }
+                k.value = fresh(key.ty, val);
+                self.release(key);
+                Expect::Stored
             }
+            WaitOp::DeleteIf { expected } => {
+                let found = k.version;
+                if found != expected {
+                    self.tasks[usize::from(task)] = MTask::Idle;
+                    self.release(key);
+                    return Expect::Err(ErrKind::Conflict { expected, found });
+                }
+                self.unlink(task, key)
+            }
+            WaitOp::Optimistic { by, seen, runs } => {
+                if k.version == seen {
+                    let old = k.value.clone();
+                    k.value = scramble(&old, by);
+                    self.tasks[usize::from(task)] = MTask::Idle;
+                    self.release(key);
+                    return Expect::Optimistic { old, runs };
+                }
+                // Conflict: the lock goes to the next waiter (if any), the
+                // closure runs again on the newest version, and the commit
+                // goes back to the lock.
+                self.release(key);
+                self.start_optimistic(task, key, by, runs + 1)
+            }
+        }
+    }
+
+    /// `task` (owning `key`'s lock) deletes it: every queued waiter will
+    /// re-resolve the key at its next poll.
+    fn unlink(&mut self, task: u8, key: Key) -> Expect {
+        let k = self
+            .keys
+            .remove(&key)
+            .expect("model: unlink of a missing key");
+        for waiter in k.queue {
+            match &mut self.tasks[usize::from(waiter)] {
+                MTask::Waiting { phase, .. } => *phase = Phase::Killed,
+                other => panic!("model bug: queued task in state {other:?}"),
+            }
+        }
+        self.tasks[usize::from(task)] = MTask::Idle;
+        Expect::Deleted
+    }
+
+    /// An optimistic attempt: read the committed version (never waits;
+    /// `NotFound` if absent), then go for the lock to compare and publish.
+    fn start_optimistic(&mut self, task: u8, key: Key, by: u8, runs: u32) -> Expect {
+        let seen = match self.keys.get(&key) {
+            Some(k) => k.version,
+            None => {
+                self.tasks[usize::from(task)] = MTask::Idle;
+                return Expect::Err(ErrKind::NotFound);
+            }
+        };
+        self.resolve(task, key, WaitOp::Optimistic { by, seen, runs })
+    }
+
+    /// The version `e` names for `key`, now.
+    fn expected(&self, key: Key, e: Expected) -> u64 {
+        let newest = self.max_seen.get(&key).copied().unwrap_or(0);
+        match e {
+            Expected::Zero => 0,
+            Expected::Current => newest,
+            Expected::Stale => self.prev_seen.get(&key).copied().unwrap_or(0),
+            Expected::Next => newest + 1,
         }
     }
 
@@ -757,6 +962,7 @@ impl Model {
             version > *max,
             "{ctx}: version {version} of {key:?} does not exceed {max}, which it had before"
         );
+        self.prev_seen.insert(key, *max);
         *max = version;
         if let Some(k) = self.keys.get_mut(&key) {
             k.version = version;
@@ -828,6 +1034,32 @@ impl<'s> Harness<'s> {
             Op::Delete { task, key, via } => self.start(task, key, WaitOp::Delete, via),
             Op::Try { task, key, via } => self.try_lock(task, key, false, via),
             Op::Timeout0 { task, key, via } => self.try_lock(task, key, true, via),
+            Op::StoreIf {
+                task,
+                key,
+                val,
+                expected,
+            } => {
+                let expected = self.model.expected(key, expected);
+                self.start(task, key, WaitOp::StoreIf { val, expected }, Via::Inherent);
+            }
+            Op::DeleteIf {
+                task,
+                key,
+                expected,
+            } => {
+                let expected = self.model.expected(key, expected);
+                self.start(task, key, WaitOp::DeleteIf { expected }, Via::Inherent);
+            }
+            Op::Optimistic { task, key, val } => {
+                // `seen` is filled in by the model when the attempt reads.
+                let op = WaitOp::Optimistic {
+                    by: val,
+                    seen: 0,
+                    runs: 1,
+                };
+                self.start(task, key, op, Via::Inherent);
+            }
             Op::Blocking { task, key, op, val } => self.blocking(task, key, op, val),
             Op::Poll { task } => self.poll(task),
             Op::Drop { task } => self.drop_task(task),
@@ -856,7 +1088,10 @@ impl<'s> Harness<'s> {
             Ty::A => start::<Alpha>(self.s, id, &op, via),
             Ty::B => start::<Beta>(self.s, id, &op, via),
         };
-        let expect = self.model.resolve(task, key, op);
+        let expect = match op {
+            WaitOp::Optimistic { by, runs, .. } => self.model.start_optimistic(task, key, by, runs),
+            op => self.model.resolve(task, key, op),
+        };
         let got = poll_once(&mut fut);
         self.settle(task, key, expect, got, Some(fut));
     }
@@ -903,6 +1138,18 @@ impl<'s> Harness<'s> {
                 };
                 self.model.written(key, version, &step);
             }
+            (Expect::Optimistic { old, runs }, Outcome::Optimistic(got_old, got_runs)) => {
+                assert_eq!(
+                    (got_old, got_runs),
+                    (old, runs),
+                    "{step}: optimistic update (old value, closure runs)"
+                );
+                let version = match key.ty {
+                    Ty::A => current_version::<Alpha>(self.s, key.uuid()),
+                    Ty::B => current_version::<Beta>(self.s, key.uuid()),
+                };
+                self.model.written(key, version, &step);
+            }
             (Expect::Deleted, Outcome::Deleted) => {}
             (Expect::Err(kind), Outcome::Err(e)) => check_err(&e, kind, key, &step),
             (expect, got) => panic!("{step}: expected {expect:?}, engine gave {got:?}"),
@@ -941,6 +1188,21 @@ impl<'s> Harness<'s> {
             return;
         }
         let held = self.model.keys.get(&key).is_some_and(|k| k.owner.is_some());
+        let cond = match op {
+            BlockingOp::StoreIf(e) => Some(WaitOp::StoreIf {
+                val,
+                expected: self.model.expected(key, e),
+            }),
+            BlockingOp::DeleteIf(e) => Some(WaitOp::DeleteIf {
+                expected: self.model.expected(key, e),
+            }),
+            BlockingOp::Optimistic => Some(WaitOp::Optimistic {
+                by: val,
+                seen: 0,
+                runs: 1,
+            }),
+            _ => None,
+        };
         let expect = match op {
             BlockingOp::Try => self.try_expect(task, key, false),
             BlockingOp::Timeout0 => self.try_expect(task, key, true),
@@ -950,10 +1212,19 @@ impl<'s> Harness<'s> {
             BlockingOp::Get => self.model.resolve(task, key, WaitOp::Get),
             BlockingOp::Update => self.model.resolve(task, key, WaitOp::Update(val)),
             BlockingOp::Delete => self.model.resolve(task, key, WaitOp::Delete),
+            // Nothing holds the key, so no conflict can arise meanwhile:
+            // the closure runs once.
+            BlockingOp::Optimistic => self.model.start_optimistic(task, key, val, 1),
+            BlockingOp::StoreIf(_) | BlockingOp::DeleteIf(_) => {
+                let op = cond.clone().expect("built above");
+                self.model.resolve(task, key, op)
+            }
         };
-        let got = match key.ty {
-            Ty::A => blocking::<Alpha>(self.s, key.uuid(), op, val),
-            Ty::B => blocking::<Beta>(self.s, key.uuid(), op, val),
+        let got = match (key.ty, &cond) {
+            (Ty::A, None) => blocking::<Alpha>(self.s, key.uuid(), op, val),
+            (Ty::B, None) => blocking::<Beta>(self.s, key.uuid(), op, val),
+            (Ty::A, Some(c)) => blocking_if::<Alpha>(self.s, key.uuid(), c),
+            (Ty::B, Some(c)) => blocking_if::<Beta>(self.s, key.uuid(), c),
         };
         self.settle(task, key, expect, Poll::Ready(got), None);
     }
@@ -1174,6 +1445,13 @@ fn check_err(e: &ContextError, kind: ErrKind, key: Key, step: &str) {
         ErrKind::NotFound => e.is_not_found(),
         ErrKind::WouldBlock => e.is_would_block(),
         ErrKind::Timeout => e.is_timeout(),
+        ErrKind::Conflict { expected, found } => {
+            e.is_conflict()
+                && matches!(
+                    *e,
+                    ContextError::Conflict { expected: x, found: y, .. } if (x, y) == (expected, found)
+                )
+        }
     };
     assert!(ok, "{step}: expected {kind:?}, engine gave {e}");
     let type_name = match key.ty {

@@ -4,163 +4,261 @@
 `mutate.py list` prints the mutant names; `mutate.py NAME` applies one to the
 engine sources in the current directory, which must be a throw-away copy of
 the repository (run.sh makes one under /tmp). Never run it in your checkout.
-Each mutant is (file, exact text, replacement); the text must occur once.
+
+A mutant is (file, edits): each edit is (exact text, replacement), applied in
+order, and each text must occur exactly once when it is applied. A mutant may
+instead be a list of such variants, for code that is being rewritten: the
+first variant whose texts all apply is used (run.sh reports a mutant none of
+whose variants applies).
+
+The mutants follow the engine with intrusive waiters (`memory/acquire.rs`:
+the one acquisition state machine, `memory/park.rs`: the lock word and its
+intrusive queue). A-V are the bugs of the earlier engines, re-expressed
+against that code; W-Z and Q (a letter the old list left unused) are bugs of
+the intrusive queue itself.
 """
 import os
 import sys
+
+PARK = "src/memory/park.rs"
+ACQ = "src/memory/acquire.rs"
+
 M = {
  # A: Relaxed instead of Release in RawLock::unlock's fast path
- "A_unlock_fast_relaxed": ("src/memory/park.rs",
+ "A_unlock_fast_relaxed": (PARK, [(
    ".compare_exchange(LOCKED, 0, Ordering::Release, Ordering::Relaxed)",
-   ".compare_exchange(LOCKED, 0, Ordering::Relaxed, Ordering::Relaxed)"),
- # B: no re-check of the waiter state after register() in LockSlot::poll
- "B_no_recheck_after_register": ("src/memory/mod.rs",
-   """                _ => {
-                    waiter.register(cx.waker());
-                    // Re-check after registering: a wake-up between the
-                    // check above and the registration woke the old waker
-                    // (or none).
-                    registered = true;
-                }""",
-   """                _ => {
-                    waiter.register(cx.waker());
-                    return Poll::Pending;
-                }"""),
- # C: wake before the state store in Waiter::complete
- "C_wake_before_state_store": ("src/memory/park.rs",
-   """        self.state.store(to, Ordering::Release);
-        let mut notify = self.notify.lock();""",
-   """        let early = match &*self.notify.lock() {
-            Notify::Waker(w) => Wake::Task(w.clone()),
-            Notify::Thread(t) => Wake::Thread(t.clone()),
-            Notify::None => Wake::Nobody,
-        };
-        early.wake();
-        self.state.store(to, Ordering::Release);
-        let mut notify = self.notify.lock();"""),
- # D: a dropped LockSlot that was granted the lock does not pass it on
- "D_cancel_drops_granted_lock": ("src/memory/mod.rs",
-   """            if slot.lock.cancel(waiter) {
-                // We were handed the lock but will never use it: pass it on.
-                slot.lock.unlock();
-            }""",
-   """            let _ = slot.lock.cancel(waiter);"""),
- # E: Relaxed instead of Release on the hand-off (GRANTED store)
- "E_handoff_store_relaxed": ("src/memory/park.rs",
-   "self.state.store(to, Ordering::Release);",
-   "self.state.store(to, Ordering::Relaxed);"),
+   ".compare_exchange(LOCKED, 0, Ordering::Relaxed, Ordering::Relaxed)")]),
+ # B: no re-check after register: `Acquire::again` returns Busy after
+ # `register` without looking at the state it returned (a completion between
+ # the state load and the registration woke the previous poll's waker)
+ "B_no_recheck_after_register": (ACQ, [(
+   """                    By::Task(waker) => match self.lock().register(&self.waiter, waker) {
+                        WAITING => return Outcome::Busy,
+                        now => state = now,
+                    },""",
+   """                    By::Task(waker) => {
+                        let _ = self.lock().register(&self.waiter, waker);
+                        return Outcome::Busy;
+                    }""")]),
+ # C: `park::complete` wakes the waiter before storing its new state (the
+ # woken waiter can see WAITING, and a thread goes back to sleep for good)
+ "C_wake_before_state_store": (PARK, [(
+   """    unsafe { &(*w).state }.store(to, Ordering::Release);
+    wake
+}""",
+   """    wake.wake();
+    unsafe { &(*w).state }.store(to, Ordering::Release);
+    Wake::Nobody
+}""")]),
+ # D: `Drop for Acquire` ignores cancel()'s "you were granted it": a dropped
+ # future that was handed the lock does not pass it on
+ "D_cancel_drops_granted_lock": (ACQ, [(
+   """        if self.cancel() {
+            // We were handed the lock but will never use it: pass it on.
+            self.lock().unlock();
+        }""",
+   """        let _ = self.cancel();""")]),
+ # E: Relaxed instead of Release on the hand-off (GRANTED) store in
+ # `park::complete`
+ "E_handoff_store_relaxed": (PARK, [(
+   "unsafe { &(*w).state }.store(to, Ordering::Release);",
+   "unsafe { &(*w).state }.store(to, Ordering::Relaxed);")]),
  # F: cancel() forgets to clear QUEUED when it empties the queue.
  # EQUIVALENT (expected to pass every model): a stale QUEUED only sends the
  # next release down the slow path, which finds the queue empty and frees.
- "F_cancel_keeps_queued": ("src/memory/park.rs",
+ "F_cancel_keeps_queued": (PARK, [(
    """                if queue.is_empty() {
                     // Relaxed: see `unlock_slow`.
                     self.state.fetch_and(!QUEUED, Ordering::Relaxed);
                 }
                 waiter.state.store(CANCELLED, Ordering::Relaxed);""",
-   """                waiter.state.store(CANCELLED, Ordering::Relaxed);"""),
- # G: first poll registers the waker after enqueueing (without re-check)
- "G_register_after_enqueue": ("src/memory/mod.rs",
-   """            waiter.register(cx.waker());
-            return match slot.lock.enqueue(&waiter, Place::Back) {""",
-   """            let queued = slot.lock.enqueue(&waiter, Place::Back);
+   """                waiter.state.store(CANCELLED, Ordering::Relaxed);""")]),
+ # G: a task's first step registers its waker after `enqueue` (under the
+ # queue mutex, through `register`, without re-checking): a completion
+ # between the two finds no waker
+ "G_register_after_enqueue": (ACQ, [
+   ("""            By::Task(waker) => Notify::Waker(waker.clone()),
+            By::Thread => Notify::Thread(current_thread()),""",
+    """            By::Task(_) => Notify::None,
+            By::Thread => Notify::Thread(current_thread()),"""),
+   ("""        let queued = unsafe { self.lock().enqueue(&self.waiter, Place::Back) };""",
+    """        let queued = unsafe { self.lock().enqueue(&self.waiter, Place::Back) };
+        if let (Outcome::Busy, By::Task(waker)) = (queued, by) {
             crate::sync::spin_hint();
-            waiter.register(cx.waker());
-            return match queued {"""),
- # H: the timed blocking wait ignores a hand-off that raced its cancel
- "H_timeout_ignores_granted": ("src/memory/mod.rs",
-   """                    if slot.lock.cancel(&waiter) {
-                        return Blocking::Locked;
-                    }""",
-   """                    let _ = slot.lock.cancel(&waiter);"""),
- # I: the release that empties the queue forgets to clear QUEUED.
+            let _ = self.lock().register(&self.waiter, waker);
+        }""")]),
+ # H: a timed-out thread (`Acquire::give_up`) ignores a hand-off that raced
+ # its cancel
+ "H_timeout_ignores_granted": (ACQ, [(
+   "            true => Outcome::Locked,",
+   "            true => Outcome::Busy,")]),
+ # I: the release that empties the queue forgets to clear QUEUED (both
+ # branches of `unlock_slow`).
  # EQUIVALENT for the same reason as F (a cost, not a bug).
- "I_unlock_slow_keeps_queued": ("src/memory/park.rs",
-   """                if queue.is_empty() {
-                    // Relaxed: QUEUED is only read by CASes that are
-                    // ordered with this one by the queue mutex or by
-                    // coherence of the lock word.
-                    self.state.fetch_and(!QUEUED, Ordering::Relaxed);
-                }""", ""),
+ "I_unlock_slow_keeps_queued": (PARK, [
+   ("""                if due {
+                    if last {
+                        // Relaxed: QUEUED is only read by CASes that are
+                        // ordered with this one by the queue mutex or by
+                        // coherence of the lock word.
+                        self.state.fetch_and(!QUEUED, Ordering::Relaxed);
+                    }""",
+    """                let _ = last;
+                if due {"""),
+   ("let clear = if last { LOCKED | QUEUED } else { LOCKED };",
+    "let clear = LOCKED;")]),
  # J: try_lock's CAS Relaxed instead of Acquire
- "J_try_lock_relaxed": ("src/memory/park.rs",
+ "J_try_lock_relaxed": (PARK, [(
    ".compare_exchange(s, s | LOCKED, Ordering::Acquire, Ordering::Relaxed)",
-   ".compare_exchange(s, s | LOCKED, Ordering::Relaxed, Ordering::Relaxed)"),
+   ".compare_exchange(s, s | LOCKED, Ordering::Relaxed, Ordering::Relaxed)")]),
  # K: recycling rewrites a superseded version that one reader still holds
- "K_recycle_off_by_one": ("src/memory/version.rs",
+ "K_recycle_off_by_one": ("src/memory/version.rs", [(
    """    refs.compare_exchange(1, DRAFT | 1, Ordering::Acquire, Ordering::Relaxed)
         .is_ok()""",
    """    refs.load(Ordering::Acquire) <= 2 && {
         refs.fetch_or(DRAFT, Ordering::Relaxed);
         true
-    }"""),
- # L: kill marks waiters KILLED but forgets to wake them
- "L_kill_forgets_wakeups": ("src/memory/park.rs",
-   """        for w in wakes {
-            w.wake();
-        }""",
-   """        drop(wakes);"""),
+    }""")]),
+ # L: kill marks waiters KILLED (and unlinks them) but never wakes them.
+ # Two variants: kill as committed, and kill as it is being rewritten.
+ "L_kill_forgets_wakeups": [
+   (PARK, [("""            for w in wakes {
+                w.wake();
+            }""", """            drop(wakes);""")]),
+   (PARK, [("""            for wake in wakes {
+                wake.wake();
+            }""", """            drop(wakes);""")]),
+ ],
  # M: cancel treats any completed waiter (KILLED too) as granted
- "M_cancel_killed_as_granted": ("src/memory/park.rs",
+ "M_cancel_killed_as_granted": (PARK, [(
    "            GRANTED => return true,",
-   "            GRANTED | KILLED => return true,"),
+   "            GRANTED | KILLED => return true,")]),
  # N: a snapshot trusts its first pointer load (no validation after the
  # increment): a recycled-and-republished allocation can be returned before
  # its publishing store is visible, and a later snapshot goes back a version
- "N_snapshot_no_validation": ("src/memory/slot.rs",
+ "N_snapshot_no_validation": ("src/memory/slot.rs", [(
    "if now == p {",
-   "if true {"),
+   "if true {")]),
  # O: a snapshot takes a reference to an allocation being recycled (ignores
  # the DRAFT bit)
- "O_snapshot_accepts_draft": ("src/memory/version.rs",
+ "O_snapshot_accepts_draft": ("src/memory/version.rs", [(
    "if prev & DRAFT == 0 {",
-   "if true {"),
+   "if true {")]),
  # P: the recycling CAS does not acquire the readers' releases
- "P_recycle_relaxed": ("src/memory/version.rs",
+ "P_recycle_relaxed": ("src/memory/version.rs", [(
    "refs.compare_exchange(1, DRAFT | 1, Ordering::Acquire, Ordering::Relaxed)",
-   "refs.compare_exchange(1, DRAFT | 1, Ordering::Relaxed, Ordering::Relaxed)"),
- # R: a woken waiter that is dropped does not pass the wake-up on
- "R_woken_cancel_keeps_wakeup": ("src/memory/park.rs",
+   "refs.compare_exchange(1, DRAFT | 1, Ordering::Relaxed, Ordering::Relaxed)")]),
+ # Q (new; the letter was unused): kill stops after its first batch of
+ # wake-ups (16 waiters): the waiters beyond it stay queued on a dead lock,
+ # never woken. Two variants, as for L.
+ "Q_kill_stops_after_first_batch": [
+   (PARK, [("let more = n == BATCH;", "let more = false;")]),
+   (PARK, [("""            for wake in wakes {
+                wake.wake();
+            }
+            queue = self.queue.lock();""", """            for wake in wakes {
+                wake.wake();
+            }
+            return;""")]),
+ ],
+ # R: a woken waiter that is dropped keeps its wake-up (`cancel` of a WOKEN
+ # waiter does not pass it on to the next waiter)
+ "R_woken_cancel_keeps_wakeup": (PARK, [(
    """                if self.state.load(Ordering::Relaxed) & LOCKED == 0 {
-                    match queue.pop_front() {""",
+                    // SAFETY: we hold the mutex.
+                    match unsafe { queue.pop_front() } {""",
    """                if false {
-                    match queue.pop_front() {"""),
+                    // SAFETY: we hold the mutex.
+                    match unsafe { queue.pop_front() } {""")]),
  # S: a woken waiter that lost the race re-queues at the back (waiters
  # overtake each other)
- "S_woken_requeues_at_back": ("src/memory/park.rs",
-   "Place::Front => queue.push_front(waiter.clone()),",
-   "Place::Front => queue.push_back(waiter.clone()),"),
- # T: a thread waiter's registration is consumed by its first wake-up (the
- # bug the wake policy found in the first draft)
- "T_thread_wakeup_consumed": ("src/memory/park.rs",
-   """        if let Notify::Thread(t) = &*notify {
+ "S_woken_requeues_at_back": (PARK, [(
+   "Place::Front => queue.push_front(waiter),",
+   "Place::Front => queue.push_back(waiter),")]),
+ # T: `park::complete` takes a thread's registration (`Notify::Thread`) out
+ # of the node like a waker: a thread waiter that was woken, lost the race
+ # and re-queued is never woken again (the bug the wake policy found in the
+ # first draft)
+ "T_thread_wakeup_consumed": (PARK, [(
+   """        (*w).with_node(|n| match &n.notify {
             // A thread is registered once and for all: keep it, since a
             // woken waiter may re-queue and need waking again.
-            return Wake::Thread(t.clone());
-        }""", ""),
+            Notify::Thread(t) => Wake::Thread(t.clone()),
+            _ => match std::mem::replace(&mut n.notify, Notify::None) {
+                Notify::Waker(w) => Wake::Task(w),
+                _ => Wake::Nobody,
+            },
+        })""",
+   """        (*w).with_node(|n| match std::mem::replace(&mut n.notify, Notify::None) {
+            Notify::Waker(w) => Wake::Task(w),
+            Notify::Thread(t) => Wake::Thread(t),
+            Notify::None => Wake::Nobody,
+        })""")]),
  # U: releases never hand over, even past the fairness bound
- "U_never_hand_off": ("src/memory/park.rs",
-   "Some(head) if handoff_due(&head.since) => {",
-   "Some(head) if handoff_due(&head.since) && false => {"),
+ "U_never_hand_off": (PARK, [(
+   "handoff_due(&n.since)",
+   "handoff_due(&n.since) && false")]),
  # V: a woken waiter does not try the lock before re-queueing.
  # EQUIVALENT (expected to pass every model): `enqueue` takes a free lock
  # itself, under the queue mutex, instead of queueing.
- "V_woken_skips_retry": ("src/memory/mod.rs",
-   """                    match slot.lock.try_lock() {
-                        TryLock::Acquired => return this.finish(true),
-                        TryLock::Dead => return this.finish(false),
-                        TryLock::Held => {}
+ "V_woken_skips_retry": (ACQ, [(
+   """                    let tried = self.lock().try_lock();
+                    if tried != Outcome::Busy {
+                        return tried;
                     }
-                    waiter.register(cx.waker());
-                    registered = true;""",
-   """                    waiter.register(cx.waker());
-                    registered = true;"""),
+                    if let By::Task(waker) = by {""",
+   """                    if let By::Task(waker) = by {""")]),
+ # W: `List::remove` forgets to fix `next.prev`: the next waiter keeps a
+ # pointer to the removed one (which its owner then frees), and removing
+ # that next waiter later writes through it and leaves `head` on it
+ "W_remove_keeps_next_prev": (PARK, [(
+   """            match next.is_null() {
+                true => self.tail = prev,
+                false => (*next).with_node(|n| n.prev = prev),
+            }""",
+   """            if next.is_null() {
+                self.tail = prev;
+            }""")]),
+ # X: `park::complete` stores the new state before taking the waker out of
+ # the node: the owner may see it, reuse or free the node while the
+ # completer still reads it
+ "X_complete_state_before_waker": (PARK, [
+   ("""    let wake = unsafe {
+        (*w).with_node(""",
+    """    unsafe { &(*w).state }.store(to, Ordering::Release);
+    let wake = unsafe {
+        (*w).with_node("""),
+   ("""    unsafe { &(*w).state }.store(to, Ordering::Release);
+    wake
+}""",
+    """    wake
+}""")]),
+ # Y: `cancel` of a WAITING waiter marks it CANCELLED but forgets to unlink
+ # it: the queue keeps a pointer to a waiter whose owner frees it
+ "Y_cancel_keeps_waiter_linked": (PARK, [(
+   """                unsafe { queue.remove(waiter) };
+""", "")]),
+ # Z: `register` replaces the waker without holding the queue mutex (it
+ # races the completer, which takes the waker out under the mutex)
+ "Z_register_without_mutex": (PARK, [(
+   """        let _queue = self.queue.lock();
+""", "")]),
 }
+
 if sys.argv[1] == "list":
     print("\n".join(M)); sys.exit()
 if not os.path.exists(".loom-mutant"):
     sys.exit("refusing to mutate a checkout: run mutants/run.sh, which works on a copy")
-f, old, new = M[sys.argv[1]]
-s = open(f).read()
-assert s.count(old) == 1, (sys.argv[1], s.count(old))
-open(f, "w").write(s.replace(old, new))
+variants = M[sys.argv[1]]
+if not isinstance(variants, list):
+    variants = [variants]
+for f, edits in variants:
+    s = open(f).read()
+    for old, new in edits:
+        if s.count(old) != 1:
+            break
+        s = s.replace(old, new)
+    else:
+        open(f, "w").write(s)
+        sys.exit()
+sys.exit(f"{sys.argv[1]}: no variant applies (each text must occur once)")

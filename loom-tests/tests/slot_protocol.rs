@@ -472,6 +472,59 @@ fn kill_racing_cancel() {
     });
 }
 
+/// A waker that records that it was woken (std types: it only reports to the
+/// model, which reads it after joining the waking thread).
+struct Flag(std::sync::atomic::AtomicBool);
+
+impl std::task::Wake for Flag {
+    fn wake(self: std::sync::Arc<Self>) {
+        self.0.store(true, StdOrdering::Relaxed);
+    }
+}
+
+/// `RawLock::kill` wakes its waiters in batches of 16, dropping the queue
+/// mutex between batches. With 18 waiters queued, two of them cancelling
+/// (the first, then the last) while the kill runs — also in the gap between
+/// its batches — every waiter left is woken and ends `Dead`, and the dead
+/// lock stays held.
+#[test]
+fn kill_wakes_waiters_beyond_one_batch() {
+    check("kill_wakes_waiters_beyond_one_batch", || {
+        // One batch of `RawLock::kill` plus two.
+        const WAITERS: usize = 18;
+        let (slot, held) = Slot::new_locked(val(0, 0), 1);
+        let mut queued: Vec<(Lock<Val>, std::sync::Arc<Flag>)> = (0..WAITERS)
+            .map(|_| {
+                let flag = std::sync::Arc::new(Flag(std::sync::atomic::AtomicBool::new(false)));
+                let waker = Waker::from(flag.clone());
+                let mut fut = slot.lock();
+                let polled = Pin::new(&mut fut).poll(&mut TaskContext::from_waker(&waker));
+                assert!(polled.is_pending());
+                (fut, flag)
+            })
+            .collect();
+        let (first, last) = (queued.remove(0), queued.pop());
+        let canceller = thread::spawn(move || {
+            drop(first);
+            drop(last);
+        });
+        held.delete();
+        canceller.join().unwrap();
+        for (mut fut, flag) in queued {
+            assert!(
+                flag.0.load(StdOrdering::Relaxed),
+                "a waiter of a killed slot was never woken"
+            );
+            assert!(
+                matches!(poll_once(&mut fut), Poll::Ready(None)),
+                "a waiter of a killed slot did not end dead"
+            );
+        }
+        assert!(slot.is_dead() && slot.is_locked());
+        assert_eq!(slot.try_lock().err(), Some(Refused::Dead));
+    });
+}
+
 /// Waiters queued in order A, B are served A then B (FIFO hand-off), each
 /// woken although it re-polls with a new waker.
 #[test]
@@ -505,6 +558,47 @@ fn fifo_handoff_order() {
         for h in handles {
             h.join().unwrap();
         }
+        assert_eq!(excl.enter(|v| *v), 3);
+        assert_free(&slot);
+    });
+}
+
+/// Three queued waiters A, B, C; B is dropped (unlinked from the middle of
+/// the intrusive queue) while releases serve A and C: A and C each get the
+/// lock once, A before C, and the lock ends free. The queue's links live in
+/// loom `UnsafeCell`s, so loom also checks that every access to them is
+/// ordered (under the queue mutex, or by the waiter's state).
+#[test]
+fn middle_waiter_cancels_while_releases_run() {
+    check("middle_waiter_cancels_while_releases_run", || {
+        let (slot, held) = Slot::new_locked(val(0, 0), 1);
+        let excl = Exclusive::new();
+        let mut queued: Vec<Lock<Val>> = (0..3)
+            .map(|_| {
+                let mut fut = slot.lock();
+                assert!(poll_once(&mut fut).is_pending());
+                fut
+            })
+            .collect();
+        let (c, b, a) = (queued.pop(), queued.pop(), queued.pop());
+        let canceller = thread::spawn(move || drop(b));
+        let served = {
+            let excl = excl.clone();
+            thread::spawn(move || {
+                for (fut, turn) in [(a, 1), (c, 2)] {
+                    let got = block_on(fut.expect("queued")).expect("never deleted");
+                    excl.enter(|v| {
+                        assert_eq!(*v, turn, "served out of arrival order");
+                        *v += 1;
+                    });
+                    drop(got);
+                }
+            })
+        };
+        excl.enter(|v| *v = 1);
+        drop(held);
+        canceller.join().unwrap();
+        served.join().unwrap();
         assert_eq!(excl.enter(|v| *v), 3);
         assert_free(&slot);
     });

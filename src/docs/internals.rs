@@ -6,7 +6,7 @@
 //!     └─ Arc<Slot<T>>
 //!          current: AtomicPtr<Inner<T>>     committed version (readers)
 //!          lock:    AtomicU64               LOCKED | QUEUED | DEAD
-//!                   Mutex<VecDeque<Waiter>> wait queue, used only under contention
+//!                   Mutex<List>             intrusive wait queue, used only under contention
 //!          held:    spare, limbo            lock holder only
 //!   Inner<T>: refs (count | DRAFT) · version · value     one allocation per version
 //! ```
@@ -23,7 +23,9 @@
 //!   only when a commit lands inside its own few-instruction window).
 //! * **Lock** = one CAS setting `LOCKED` (also while others wait: a free lock
 //!   can be taken by anybody). After a short spin, a waiter (a task `Waker`
-//!   or a `Thread`) queues under the queue mutex, setting `QUEUED`. A release
+//!   or a `Thread`) links itself into the queue under the queue mutex,
+//!   setting `QUEUED`. The waiter node lives in the waiting future or on the
+//!   waiting thread's stack: a wait allocates nothing. A release
 //!   that finds waiters frees the lock and wakes the oldest to compete for it;
 //!   once the oldest has waited the store's fairness bound (0.5 ms by
 //!   default), releases hand the lock to it directly instead. A woken waiter
@@ -48,7 +50,8 @@
 //! * **`update_context`** = lookup, CAS, draft, run the closure, publish,
 //!   release, all inside one table pin: no `Arc` of the slot and no guard
 //!   object. A busy lock falls back to the waiting path.
-//! * **Delete** = lock, raise the store's version floor to the context's
+//! * **Delete** = lock, raise the version floor of the key's stripe (one of
+//!   64, each on its own cache line) to the context's
 //!   version, unlink from the table, mark the lock `DEAD` and wake every
 //!   waiter; they re-resolve the key (`NotFound`, or the re-created context).
 //!   A re-created context starts at `floor + 1`, so versions are never
@@ -61,11 +64,18 @@
 //! after `delete_context` returns (papaya#31). A context costs up to two
 //! values of memory (committed + spare), plus the versions snapshots hold.
 //!
-//! ## Why `VecDeque` under a `Mutex` for the queue
+//! ## Why an intrusive list under a `Mutex` for the queue
 //!
-//! It allocates only when the first waiter arrives, costs one uncontended
-//! mutex operation per enqueue and per wake-up, and makes every waiter
-//! state change happen under one lock, which is what makes cancellation
-//! exact (a dropped waiter knows whether it was granted the lock or woken,
-//! and passes either on). The loom models in `loom-tests/` check the
-//! protocol under both release policies.
+//! Version 1 queued an `Arc<Waiter>` (one allocation per contended wait,
+//! with its own mutex around the waker) in a `VecDeque`. Now one state
+//! machine (`memory::acquire::Acquire`) serves every waiting call, tasks and
+//! threads alike, and carries its waiter node inline; the queue is a doubly
+//! linked list of pointers to those nodes, as in tokio's `batch_semaphore`.
+//! One mutex guards the list *and* every queued node's links and waker, so
+//! a contended wait costs no allocation and one uncontended mutex operation
+//! per enqueue and per wake-up, and every waiter state change happens under
+//! that one lock, which is what makes cancellation exact (a dropped waiter
+//! knows whether it was granted the lock or woken, and passes either on).
+//! The loom models in `loom-tests/` check the protocol under both release
+//! policies, with the nodes in loom `UnsafeCell`s (every access to a link
+//! or a waker must be ordered).

@@ -3,7 +3,13 @@
 //! See the crate docs for the guarantees and `docs::internals` for the
 //! protocol. All `unsafe` of the crate lives in this module.
 
+mod acquire;
+mod conditional;
+mod erased;
 mod guard;
+#[cfg(ctxstore_loom)]
+#[allow(missing_docs)]
+pub mod loom_api;
 pub(crate) mod park;
 pub(crate) mod slot;
 mod table;
@@ -11,22 +17,22 @@ pub(crate) mod version;
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc as StdArc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
+use crossbeam_utils::CachePadded;
 use uuid::Uuid;
 
+pub(crate) use self::acquire::{lock_slot_blocking, LockSlot};
 pub(crate) use self::guard::MemGuard;
-use self::park::{Enqueue, Place, TryLock, Waiter, GRANTED, KILLED, WOKEN};
+use self::park::Outcome;
 use self::slot::Slot;
 use self::table::Table;
 pub(crate) use self::version::Shared;
 use crate::context::{Context, ContextType};
 use crate::guard::{ContextGuard, Snapshot};
-use crate::storage::{BoxFuture, ContextStorage, ErasedValue, RawGuard, RawSnapshot, Wait};
-use crate::sync::Arc;
+use crate::storage::Wait;
 use crate::util::Finally;
 use crate::Result;
 
@@ -60,14 +66,17 @@ use crate::Result;
 /// ```
 pub struct InMemoryContextStorage {
     table: Table,
-    // Every version a deleted context ever reached is <= this, so a context
-    // re-created under the same key starts above all its old versions.
-    version_floor: AtomicU64,
-    // Creating and deleting contexts serialize per stripe of ids, so that a
-    // creator's read of `version_floor` and its insert are one step with
+    // Creating and deleting contexts serialize per stripe of ids, and each
+    // stripe keeps its own version floor: every version a deleted context
+    // of the stripe ever reached is <= it, so a context re-created under
+    // the same key starts above all its old versions. The stripe's mutex
+    // makes a creator's read of the floor and its insert one step with
     // respect to a delete of the same key (see `insert_new`). Only create
-    // and delete take it; locks, commits and snapshots never do.
-    create_delete: [std::sync::Mutex<()>; STRIPES],
+    // and delete take it; locks, commits and snapshots never do. One cache
+    // line per stripe: creates and deletes of different stripes on
+    // different cores share no line (a store-wide floor was one line that
+    // every delete wrote).
+    create_delete: Box<[CachePadded<std::sync::Mutex<u64>>; STRIPES]>,
     // How long a queued waiter may be passed by newcomers (see
     // `with_fairness_bound`).
     fair_after: Duration,
@@ -121,8 +130,9 @@ impl InMemoryContextStorage {
     pub fn with_capacity(capacity: usize) -> Self {
         Self {
             table: Table::with_capacity(capacity),
-            version_floor: AtomicU64::new(0),
-            create_delete: std::array::from_fn(|_| std::sync::Mutex::new(())),
+            create_delete: Box::new(std::array::from_fn(|_| {
+                CachePadded::new(std::sync::Mutex::new(0))
+            })),
             fair_after: self::park::FAIR_AFTER,
         }
     }
@@ -274,21 +284,20 @@ impl InMemoryContextStorage {
     ///
     /// # Cancel safety
     /// As for `get_context`; once `f` has run the commit cannot be cut.
-    pub async fn update_context<T: Context, R>(
-        &self,
+    ///
+    /// The bounds (`f` and its result `Send`) are those of
+    /// [`ContextStorageExt::update_context`](crate::ContextStorageExt::update_context),
+    /// so code moves between the two unchanged.
+    pub fn update_context<'a, T: Context, R: Send>(
+        &'a self,
         id: Uuid,
-        f: impl FnOnce(&mut T) -> R,
-    ) -> Result<R> {
-        let mut f = Some(f);
-        match self.update_now(id, &mut f) {
-            Some(done) => done,
-            None => {
-                let f = f.take().expect("not run when the lock was busy");
-                let mut guard = self.lock_wait::<T>(id).await?;
-                let out = f(&mut guard);
-                guard.commit()?;
-                Ok(out)
-            }
+        f: impl FnOnce(&mut T) -> R + Send + 'a,
+    ) -> impl Future<Output = Result<R>> + Send + 'a {
+        UpdateContext {
+            store: self,
+            id,
+            f: Some(f),
+            waiting: None,
         }
     }
 
@@ -350,7 +359,7 @@ impl InMemoryContextStorage {
                 }
             };
             if let Some(slot) = self.table.get::<T>(id) {
-                if lock_slot_blocking(&slot, None, self.fair_after) == Blocking::Locked {
+                if lock_slot_blocking(&slot, None, self.fair_after) == Outcome::Locked {
                     return Ok(self.replace_locked(&slot, busy));
                 }
             }
@@ -365,15 +374,16 @@ impl InMemoryContextStorage {
         f: impl FnOnce(&mut T) -> R,
     ) -> Result<R> {
         let mut f = Some(f);
-        match self.update_now(id, &mut f) {
-            Some(done) => done,
-            None => {
-                let f = f.take().expect("not run when the lock was busy");
-                let mut guard = self.lock_blocking::<T>(id, None)?;
-                let out = f(&mut guard);
-                guard.commit()?;
-                Ok(out)
+        loop {
+            if let Some(done) = self.update_now(id, &mut f) {
+                return done;
             }
+            let slot = self.table.get::<T>(id).ok_or_else(|| not_found::<T>(id))?;
+            if lock_slot_blocking(&slot, None, self.fair_after) == Outcome::Locked {
+                let f = f.take().expect("not run when the lock was busy");
+                return Ok(self.update_acquired(&slot, id, f));
+            }
+            // The slot died (its context was deleted) first: re-resolve.
         }
     }
 
@@ -384,7 +394,7 @@ impl InMemoryContextStorage {
                 return done;
             }
             let slot = self.table.get::<T>(id).ok_or_else(|| not_found::<T>(id))?;
-            if lock_slot_blocking(&slot, None, self.fair_after) == Blocking::Locked {
+            if lock_slot_blocking(&slot, None, self.fair_after) == Outcome::Locked {
                 self.unlink_locked(id, &slot);
                 return Ok(());
             }
@@ -412,7 +422,7 @@ impl InMemoryContextStorage {
     #[inline]
     fn on_free_slot<T: Context, R>(&self, id: Uuid, op: impl FnOnce(&Slot<T>) -> R) -> Free<R> {
         let found = self.table.with::<T, _>(id, |slot| {
-            (slot.lock.try_lock() == TryLock::Acquired).then(|| op(slot))
+            (slot.lock.try_lock() == Outcome::Locked).then(|| op(slot))
         });
         match found {
             None => Free::Absent,
@@ -458,6 +468,23 @@ impl InMemoryContextStorage {
         }
     }
 
+    /// `update_context`'s step once the waiting path has acquired `slot`:
+    /// the same one-step update as the uncontended path (no guard object).
+    fn update_acquired<T: Context, R>(
+        &self,
+        slot: &Slot<T>,
+        id: Uuid,
+        f: impl FnOnce(&mut T) -> R,
+    ) -> R {
+        // SAFETY: the caller has just acquired the lock, which
+        // `update_locked` releases; the caller's `Arc` keeps the slot alive
+        // and the table's collector is the one every reader pins.
+        unsafe {
+            slot.drain_limbo(self.table.collector());
+            self::guard::update_locked(slot, id, f)
+        }
+    }
+
     /// The uncontended `store_context`: publish into the slot just locked,
     /// or create the context.
     #[inline]
@@ -498,9 +525,11 @@ impl InMemoryContextStorage {
         }
     }
 
-    /// The create/delete stripe of `id`. It guards no data (a panic while
-    /// it is held cannot leave anything half-done), so poisoning is ignored.
-    fn stripe(&self, id: Uuid) -> std::sync::MutexGuard<'_, ()> {
+    /// The create/delete stripe of `id`, holding the stripe's version floor.
+    /// Nothing panics while it is held except a user `Drop` run by papaya's
+    /// reclamation inside `remove`, after the floor was raised, so a
+    /// poisoned stripe is still consistent and poisoning is ignored.
+    fn stripe(&self, id: Uuid) -> std::sync::MutexGuard<'_, u64> {
         let (hi, lo) = id.as_u64_pair();
         self.create_delete[((hi ^ lo) % STRIPES as u64) as usize]
             .lock()
@@ -513,10 +542,8 @@ impl InMemoryContextStorage {
         // key live again) would raise the floor past `version` and unlink
         // the key, so the insert would succeed at a version that deleted
         // incarnation already used. The stripe lock makes them one step.
-        let _stripe = self.stripe(id);
-        // Relaxed: the stripe mutex orders this after the `fetch_max` of
-        // any earlier delete of this key (which holds the same stripe).
-        let version = self.version_floor.load(Ordering::Relaxed) + 1;
+        let floor = self.stripe(id);
+        let version = *floor + 1;
         let slot = StdArc::new(Slot::new(value, version));
         match self.table.try_insert(id, slot) {
             Ok(()) => Ok(version),
@@ -530,12 +557,10 @@ impl InMemoryContextStorage {
     fn unlink_locked<T: Context>(&self, id: Uuid, slot: &Slot<T>) {
         // Never waited on while holding a slot lock by a creator (creators
         // take only the stripe), so holding both here cannot deadlock.
-        let _stripe = self.stripe(id);
+        let mut floor = self.stripe(id);
         // SAFETY: the caller holds the slot's lock.
         let version = unsafe { slot.version_locked() };
-        // Relaxed: ordered before a later creator's load by the stripe
-        // mutex (see `insert_new`).
-        self.version_floor.fetch_max(version, Ordering::Relaxed);
+        *floor = (*floor).max(version);
         // Kill even if `remove` unwinds: papaya may reclaim an earlier
         // deleted value in there (after unlinking this entry), running a
         // user `Drop` that can panic. Queued waiters must still be failed.
@@ -548,10 +573,10 @@ impl InMemoryContextStorage {
             let attempt = self
                 .table
                 .with::<T, _>(id, |slot| match slot.lock.try_lock() {
-                    TryLock::Acquired => Some(Ok(self.acquired(slot, id))),
-                    TryLock::Held => Some(Err(ContextType::of::<T>().would_block(id))),
+                    Outcome::Locked => Some(Ok(self.acquired(slot, id))),
+                    Outcome::Busy => Some(Err(ContextType::of::<T>().would_block(id))),
                     // Deleted under us: re-resolve the key.
-                    TryLock::Dead => None,
+                    Outcome::Dead => None,
                 });
             match attempt {
                 None => return Err(not_found::<T>(id)),
@@ -603,9 +628,9 @@ impl InMemoryContextStorage {
         loop {
             let slot = self.table.get::<T>(id).ok_or_else(|| not_found::<T>(id))?;
             match lock_slot_blocking(&slot, deadline.map(|d| d.0), self.fair_after) {
-                Blocking::Locked => return Ok(self.acquired(&slot, id)),
-                Blocking::Dead => continue,
-                Blocking::TimedOut => {
+                Outcome::Locked => return Ok(self.acquired(&slot, id)),
+                Outcome::Dead => continue,
+                Outcome::Busy => {
                     return Err(ContextType::of::<T>()
                         .timeout(id, deadline.map_or(Duration::ZERO, |d| d.1)))
                 }
@@ -632,10 +657,15 @@ pub(crate) struct LockWait<'a, T> {
 impl<T: Context> Future for LockWait<'_, T> {
     type Output = Result<MemGuard<T>>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
-        let this = &mut *self;
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        // SAFETY: `waiting` is structurally pinned: it is only polled in
+        // place and replaced by dropping it in place (`set`), never moved
+        // out; `store` and `id` are plain data.
+        let this = unsafe { self.get_unchecked_mut() };
         loop {
-            match &mut this.waiting {
+            // SAFETY: as above.
+            let waiting = unsafe { Pin::new_unchecked(&mut this.waiting) };
+            match waiting.as_pin_mut() {
                 None => {
                     if let Some(done) = this.store.lock_fast(this.id) {
                         return Poll::Ready(done);
@@ -643,11 +673,13 @@ impl<T: Context> Future for LockWait<'_, T> {
                     let Some(slot) = this.store.table.get::<T>(this.id) else {
                         return Poll::Ready(Err(not_found::<T>(this.id)));
                     };
+                    // Not linked yet, so moving it into place is fine.
                     this.waiting = Some(LockSlot::new(slot, this.store.fair_after));
                 }
-                Some(waiting) => match Pin::new(waiting).poll(cx) {
+                Some(waiting) => match waiting.poll(cx) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(locked) => {
+                        // The acquisition has finished (unlinked): drop it.
                         this.waiting = None;
                         if let Some(slot) = locked {
                             return Poll::Ready(Ok(this.store.acquired(&slot, this.id)));
@@ -668,10 +700,71 @@ impl<T: Context> Future for GetContext<'_, T> {
     type Output = Result<ContextGuard<T>>;
 
     #[inline]
-    fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.0)
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        // SAFETY: structural pinning of the only field.
+        unsafe { self.map_unchecked_mut(|s| &mut s.0) }
             .poll(cx)
             .map(|locked| locked.map(ContextGuard::from_memory))
+    }
+}
+
+/// `update_context`'s future: the uncontended one-step update at its first
+/// poll; only a busy lock makes it wait in a [`LockSlot`], after which the
+/// same one-step update runs. Hand-written so that its state is just the
+/// arguments and the one waiting acquisition (an `async fn` kept a second
+/// copy of the waiting path's state and made every call move a larger
+/// future).
+///
+/// # Cancel safety
+/// As `LockSlot`'s; once `f` has run the commit cannot be cut.
+struct UpdateContext<'a, T, F> {
+    store: &'a InMemoryContextStorage,
+    id: Uuid,
+    f: Option<F>,
+    waiting: Option<LockSlot<T>>,
+}
+
+impl<T: Context, R, F: FnOnce(&mut T) -> R> Future for UpdateContext<'_, T, F> {
+    type Output = Result<R>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        // SAFETY: `waiting` is structurally pinned (polled in place, dropped
+        // in place by assignment, never moved out); the other fields are not
+        // pinned.
+        let this = unsafe { self.get_unchecked_mut() };
+        loop {
+            // SAFETY: as above.
+            let waiting = unsafe { Pin::new_unchecked(&mut this.waiting) };
+            match waiting.as_pin_mut() {
+                None => {
+                    if let Some(done) = this.store.update_now(this.id, &mut this.f) {
+                        return Poll::Ready(done);
+                    }
+                    let Some(slot) = this.store.table.get::<T>(this.id) else {
+                        return Poll::Ready(Err(not_found::<T>(this.id)));
+                    };
+                    // Not linked yet, so moving it into place is fine.
+                    this.waiting = Some(LockSlot::new(slot, this.store.fair_after));
+                }
+                Some(waiting) => match waiting.poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(locked) => {
+                        // The acquisition has finished (unlinked): drop it.
+                        this.waiting = None;
+                        if let Some(slot) = locked {
+                            let f = this
+                                .f
+                                .take()
+                                .expect("UpdateContext polled after completion");
+                            return Poll::Ready(Ok(this.store.update_acquired(&slot, this.id, f)));
+                        }
+                        // The slot died (its context was deleted) first:
+                        // re-resolve the key.
+                    }
+                },
+            }
+        }
     }
 }
 
@@ -692,289 +785,4 @@ enum Stored<T> {
     Busy(T),
     /// A concurrent create won the insert: try again.
     Raced(T),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Blocking {
-    Locked,
-    Dead,
-    TimedOut,
-}
-
-/// Locks `slot` from a plain thread: a short spin with backoff, then parks
-/// in the queue (bounded fairness: see `park`).
-pub(crate) fn lock_slot_blocking<T>(
-    slot: &Slot<T>,
-    deadline: Option<Instant>,
-    fair_after: Duration,
-) -> Blocking {
-    match slot.lock.try_lock() {
-        TryLock::Acquired => return Blocking::Locked,
-        TryLock::Dead => return Blocking::Dead,
-        TryLock::Held => {}
-    }
-    #[cfg(not(ctxstore_loom))]
-    {
-        let backoff = crossbeam_utils::Backoff::new();
-        while !backoff.is_completed() {
-            backoff.snooze();
-            match slot.lock.try_lock() {
-                TryLock::Acquired => return Blocking::Locked,
-                TryLock::Dead => return Blocking::Dead,
-                TryLock::Held => {}
-            }
-        }
-    }
-    let waiter = Waiter::for_thread(fair_after);
-    match slot.lock.enqueue(&waiter, Place::Back) {
-        Enqueue::Acquired => return Blocking::Locked,
-        Enqueue::Dead => return Blocking::Dead,
-        Enqueue::Queued => {}
-    }
-    loop {
-        match waiter.state() {
-            GRANTED => return Blocking::Locked,
-            KILLED => return Blocking::Dead,
-            WOKEN => {
-                // A release freed the lock for us to compete for: take it,
-                // or go back to the front of the queue.
-                let retry = match slot.lock.try_lock() {
-                    TryLock::Acquired => Enqueue::Acquired,
-                    TryLock::Dead => Enqueue::Dead,
-                    TryLock::Held => slot.lock.enqueue(&waiter, Place::Front),
-                };
-                match retry {
-                    Enqueue::Acquired => return Blocking::Locked,
-                    Enqueue::Dead => return Blocking::Dead,
-                    Enqueue::Queued => continue,
-                }
-            }
-            _ => {}
-        }
-        match deadline {
-            None => crate::sync::park(),
-            Some(deadline) => {
-                let now = Instant::now();
-                if now >= deadline {
-                    if slot.lock.cancel(&waiter) {
-                        return Blocking::Locked;
-                    }
-                    return if waiter.state() == KILLED {
-                        Blocking::Dead
-                    } else {
-                        Blocking::TimedOut
-                    };
-                }
-                crate::sync::park_timeout(deadline - now);
-            }
-        }
-    }
-}
-
-/// Locks one slot from a task. Resolves to the slot, locked, or to `None` if
-/// the slot died (its context was deleted) first.
-///
-/// # Cancel safety
-/// Dropping it while queued takes the waiter out of the queue; if the lock
-/// had already been handed to it, the lock is passed on.
-pub(crate) struct LockSlot<T> {
-    slot: Option<StdArc<Slot<T>>>,
-    waiter: Option<Arc<Waiter>>,
-    fair_after: Duration,
-}
-
-impl<T> LockSlot<T> {
-    pub(crate) fn new(slot: StdArc<Slot<T>>, fair_after: Duration) -> Self {
-        Self {
-            slot: Some(slot),
-            waiter: None,
-            fair_after,
-        }
-    }
-
-    fn finish(&mut self, locked: bool) -> Poll<Option<StdArc<Slot<T>>>> {
-        self.waiter = None;
-        let slot = self.slot.take();
-        Poll::Ready(if locked { slot } else { None })
-    }
-}
-
-impl<T> Future for LockSlot<T> {
-    type Output = Option<StdArc<Slot<T>>>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
-        let this = &mut *self;
-        let slot = this
-            .slot
-            .as_ref()
-            .expect("LockSlot polled after completion");
-        let Some(waiter) = &this.waiter else {
-            match slot.lock.try_lock_spin() {
-                TryLock::Acquired => return this.finish(true),
-                TryLock::Dead => return this.finish(false),
-                TryLock::Held => {}
-            }
-            let waiter = Waiter::for_task(this.fair_after);
-            // Register before enqueueing: a wake-up right after the enqueue
-            // then finds the waker.
-            waiter.register(cx.waker());
-            return match slot.lock.enqueue(&waiter, Place::Back) {
-                Enqueue::Acquired => this.finish(true),
-                Enqueue::Dead => this.finish(false),
-                Enqueue::Queued => {
-                    this.waiter = Some(waiter);
-                    Poll::Pending
-                }
-            };
-        };
-        let mut registered = false;
-        loop {
-            match waiter.state() {
-                GRANTED => return this.finish(true),
-                KILLED => return this.finish(false),
-                WOKEN => {
-                    // A release freed the lock for us to compete for: take
-                    // it, or go back to the front of the queue (registered
-                    // first, as on the first poll).
-                    match slot.lock.try_lock() {
-                        TryLock::Acquired => return this.finish(true),
-                        TryLock::Dead => return this.finish(false),
-                        TryLock::Held => {}
-                    }
-                    waiter.register(cx.waker());
-                    registered = true;
-                    match slot.lock.enqueue(waiter, Place::Front) {
-                        Enqueue::Acquired => return this.finish(true),
-                        Enqueue::Dead => return this.finish(false),
-                        Enqueue::Queued => {}
-                    }
-                }
-                _ if registered => return Poll::Pending,
-                _ => {
-                    waiter.register(cx.waker());
-                    // Re-check after registering: a wake-up between the
-                    // check above and the registration woke the old waker
-                    // (or none).
-                    registered = true;
-                }
-            }
-        }
-    }
-}
-
-impl<T> Drop for LockSlot<T> {
-    fn drop(&mut self) {
-        if let (Some(slot), Some(waiter)) = (&self.slot, &self.waiter) {
-            if slot.lock.cancel(waiter) {
-                // We were handed the lock but will never use it: pass it on.
-                slot.lock.unlock();
-            }
-        }
-    }
-}
-
-impl ContextStorage for InMemoryContextStorage {
-    fn store_raw(
-        &self,
-        ty: &'static ContextType,
-        id: Uuid,
-        value: ErasedValue,
-    ) -> BoxFuture<'_, Result<u64>> {
-        (ty.mem.store)(self, id, value)
-    }
-
-    fn lock_raw(
-        &self,
-        ty: &'static ContextType,
-        id: Uuid,
-        wait: Wait,
-    ) -> BoxFuture<'_, Result<RawGuard>> {
-        (ty.mem.lock)(self, id, wait)
-    }
-
-    fn snapshot_raw(
-        &self,
-        ty: &'static ContextType,
-        id: Uuid,
-    ) -> BoxFuture<'_, Result<RawSnapshot>> {
-        Box::pin(std::future::ready((ty.mem.snapshot)(self, id)))
-    }
-
-    fn delete_raw(&self, ty: &'static ContextType, id: Uuid) -> BoxFuture<'_, Result<()>> {
-        (ty.mem.delete)(self, id)
-    }
-
-    fn contains_raw(&self, ty: &'static ContextType, id: Uuid) -> BoxFuture<'_, Result<bool>> {
-        Box::pin(std::future::ready(Ok((ty.mem.contains)(self, id))))
-    }
-
-    fn ids_raw(&self, ty: &'static ContextType) -> BoxFuture<'_, Result<Vec<Uuid>>> {
-        Box::pin(std::future::ready(Ok((ty.mem.ids)(self))))
-    }
-
-    fn backend_name(&self) -> &'static str {
-        "memory"
-    }
-
-    fn as_in_memory(&self) -> Option<&InMemoryContextStorage> {
-        Some(self)
-    }
-}
-
-/// The engine's monomorphized entry points, stored in each type's
-/// [`ContextType`] so the raw (type-erased) interface reaches them.
-pub(crate) mod raw {
-    use super::*;
-
-    pub(crate) fn store<T: Context>(
-        s: &InMemoryContextStorage,
-        id: Uuid,
-        value: ErasedValue,
-    ) -> BoxFuture<'_, Result<u64>> {
-        Box::pin(async move {
-            match value.downcast::<T>() {
-                Ok(value) => s.store_context(id, *value).await,
-                Err(_) => Err(ContextType::of::<T>().backend_error(
-                    Some(id),
-                    crate::error::message("store_raw got a value of another type"),
-                )),
-            }
-        })
-    }
-
-    pub(crate) fn lock<T: Context>(
-        s: &InMemoryContextStorage,
-        id: Uuid,
-        wait: Wait,
-    ) -> BoxFuture<'_, Result<RawGuard>> {
-        Box::pin(async move {
-            let guard = s.lock_async::<T>(id, wait).await?;
-            Ok(RawGuard::Local(Box::new(ContextGuard::from_memory(guard))))
-        })
-    }
-
-    pub(crate) fn snapshot<T: Context>(
-        s: &InMemoryContextStorage,
-        id: Uuid,
-    ) -> Result<RawSnapshot> {
-        s.table
-            // SAFETY: `with` pins the collector `drain_limbo` retires into.
-            .with::<T, _>(id, |slot| RawSnapshot::from_shared(unsafe { slot.load() }))
-            .ok_or_else(|| not_found::<T>(id))
-    }
-
-    pub(crate) fn delete<T: Context>(
-        s: &InMemoryContextStorage,
-        id: Uuid,
-    ) -> BoxFuture<'_, Result<()>> {
-        Box::pin(s.delete_context::<T>(id))
-    }
-
-    pub(crate) fn contains<T: Context>(s: &InMemoryContextStorage, id: Uuid) -> bool {
-        s.contains::<T>(id)
-    }
-
-    pub(crate) fn ids<T: Context>(s: &InMemoryContextStorage) -> Vec<Uuid> {
-        s.ids::<T>()
-    }
 }

@@ -10,10 +10,28 @@
 //! * `DEAD`: the context was deleted; every acquisition fails from now on.
 //!
 //! Uncontended acquire is one CAS setting `LOCKED`; uncontended release is
-//! one CAS `LOCKED -> 0`. Neither touches the queue. The queue (a `Mutex`
-//! around a `VecDeque`, which allocates only when the first waiter arrives)
-//! is touched only by waiters, by a release that sees `QUEUED`, by
-//! cancellation and by delete.
+//! one CAS `LOCKED -> 0`. Neither touches the queue. The queue is touched
+//! only by waiters, by a release that sees `QUEUED`, by cancellation and by
+//! delete.
+//!
+//! ## The queue is intrusive
+//!
+//! A [`Waiter`] is not allocated: it lives inside the acquisition that
+//! waits (the pinned future of a task, the stack frame of a thread; see
+//! `acquire`), and the queue is a doubly linked list of pointers to them
+//! behind one mutex, as in tokio's `batch_semaphore`. Everything about a
+//! queued waiter except its `state` (its links, how to wake it, its arrival
+//! time) is read and written only under that mutex, so a wait costs no
+//! allocation and takes no lock but the queue's. Two rules keep the
+//! pointers valid:
+//!
+//! * a waiter leaves the list before its memory can go: whoever completes
+//!   it (a release, a delete, a cancelling waiter passing a wake-up on)
+//!   unlinks it and takes its waker under the mutex, and the `Release`
+//!   store of its new state is the completer's *last* access to it; its
+//!   owner frees it only after reading a completed state with `Acquire`, or
+//!   after unlinking it itself under the mutex (cancellation);
+//! * a waiter never moves while linked (it is pinned).
 //!
 //! ## Fairness: bounded, not strict
 //!
@@ -53,14 +71,19 @@
 //!   `state` pairs with the next acquirer's `Acquire` CAS on `state`;
 //! * hand-off: the releaser's `Release` store of `GRANTED` to the waiter's
 //!   `state` pairs with the waiter's `Acquire` load of it.
+//!
+//! The same `Release`/`Acquire` pair on `state` (for every completed state)
+//! orders the completer's last access to the waiter before its owner reuses
+//! or frees it.
 
-use std::collections::VecDeque;
+use std::marker::PhantomPinned;
+use std::ptr;
 use std::task::Waker;
 use std::time::Duration;
 
 use crate::sync::{
-    current_thread, handoff_due, spin_hint, spin_rounds, Arc, AtomicU64, AtomicU8, Mutex, Ordering,
-    Since, Thread,
+    handoff_due, spin_hint, spin_rounds, AtomicU64, AtomicU8, Mutex, Ordering, Since, Thread,
+    UnsafeCell,
 };
 
 pub(crate) const LOCKED: u64 = 1;
@@ -82,6 +105,8 @@ pub(crate) const CANCELLED: u8 = 3;
 /// A release freed the lock and woke this waiter, which left the queue: it
 /// must try to take the lock and re-queue (at the front) if it loses.
 pub(crate) const WOKEN: u8 = 4;
+/// Never queued yet.
+pub(crate) const IDLE: u8 = 5;
 
 /// How long a queued waiter may be passed by newcomers before a release
 /// hands the lock to it directly (see the module docs); the default of
@@ -89,75 +114,104 @@ pub(crate) const WOKEN: u8 = 4;
 pub(crate) const FAIR_AFTER: Duration = Duration::from_micros(500);
 
 /// How a waiter is woken.
-enum Notify {
+pub(crate) enum Notify {
     None,
     Waker(Waker),
+    /// Registered once: a thread waiter keeps it across re-queueing.
     Thread(Thread),
 }
 
-/// One queued acquirer: a task (by `Waker`) or a thread (by `Thread`).
+/// One acquirer's place in a lock's queue: a task (by `Waker`) or a thread
+/// (by `Thread`). It lives inside the acquisition that waits (see
+/// `acquire::Acquire`), pinned while it is linked.
 pub(crate) struct Waiter {
+    /// Read by the owner without the mutex; written under it.
     state: AtomicU8,
-    notify: Mutex<Notify>,
-    /// When it is owed a hand-off: its first queueing plus the store's
-    /// fairness bound (kept when it re-queues after a wake-up).
+    /// Under the queue mutex while linked; the owner's alone otherwise.
+    node: UnsafeCell<Node>,
+    _pinned: PhantomPinned,
+}
+
+pub(crate) struct Node {
+    prev: *const Waiter,
+    next: *const Waiter,
+    pub(crate) notify: Notify,
+    /// When it is owed a hand-off: the start of its acquisition's waiting
+    /// path plus the store's fairness bound (kept when it re-queues after a
+    /// wake-up).
     since: Since,
 }
 
-impl Waiter {
-    pub(crate) fn for_task(fair_after: Duration) -> Arc<Self> {
-        Arc::new(Self {
-            state: AtomicU8::new(WAITING),
-            notify: Mutex::new(Notify::None),
-            since: Since::now(fair_after),
-        })
-    }
+// SAFETY: `node` is accessed by the owner only while the waiter is not
+// linked, and by anybody else only under the mutex of the queue it is
+// linked in (see the module docs); `state` is atomic. What it holds (a
+// `Waker`, a `Thread`) is `Send + Sync`.
+unsafe impl Send for Waiter {}
+// SAFETY: as above.
+unsafe impl Sync for Waiter {}
 
-    pub(crate) fn for_thread(fair_after: Duration) -> Arc<Self> {
-        Arc::new(Self {
-            state: AtomicU8::new(WAITING),
-            notify: Mutex::new(Notify::Thread(current_thread())),
-            since: Since::now(fair_after),
-        })
+impl Waiter {
+    /// A waiter that arrived at `since` (see [`Node::since`]).
+    pub(crate) fn new(since: Since) -> Self {
+        Self {
+            state: AtomicU8::new(IDLE),
+            node: UnsafeCell::new(Node {
+                prev: ptr::null(),
+                next: ptr::null(),
+                notify: Notify::None,
+                since,
+            }),
+            _pinned: PhantomPinned,
+        }
     }
 
     /// The waiter's state. `Acquire` pairs with the `Release` store in
-    /// [`Waiter::complete`], so a `GRANTED` reader sees the previous holder's
-    /// writes.
+    /// [`complete`], so a `GRANTED` reader sees the previous holder's
+    /// writes, and any completed state orders the completer's last access
+    /// to the waiter before the owner reuses it.
     #[inline]
     pub(crate) fn state(&self) -> u8 {
         self.state.load(Ordering::Acquire)
     }
 
-    /// Registers the task to wake. The caller re-checks [`Waiter::state`]
-    /// afterwards: `complete` stores the state before it takes the waker
-    /// under the same mutex, so either it sees this waker or the re-check
-    /// sees the new state.
-    pub(crate) fn register(&self, waker: &Waker) {
-        let mut notify = self.notify.lock();
-        match &*notify {
-            Notify::Waker(w) if w.will_wake(waker) => {}
-            _ => *notify = Notify::Waker(waker.clone()),
-        }
+    /// The owner's access to the node.
+    ///
+    /// # Safety
+    /// The waiter is not linked (never queued, or its owner has read a
+    /// completed state with [`state`](Self::state)), so nobody else touches
+    /// the node; or the caller holds the mutex of the queue it is linked in.
+    #[inline]
+    pub(crate) unsafe fn with_node<R>(&self, f: impl FnOnce(&mut Node) -> R) -> R {
+        // SAFETY: exclusive access, by the caller's contract.
+        self.node.with_mut(|n| f(unsafe { &mut *n }))
     }
+}
 
-    /// Moves the waiter out of `WAITING` (caller holds the queue mutex) and
-    /// returns who to wake; the caller wakes outside the queue mutex.
-    fn complete(&self, to: u8) -> Wake {
-        // Release: pairs with the Acquire in `state()`; publishes the
-        // previous holder's writes to a `GRANTED` waiter.
-        self.state.store(to, Ordering::Release);
-        let mut notify = self.notify.lock();
-        if let Notify::Thread(t) = &*notify {
+/// Completes a waiter that the caller (holding the queue mutex) has just
+/// unlinked, and returns who to wake; the caller wakes outside the mutex.
+///
+/// # Safety
+/// `w` was linked in the queue whose mutex the caller holds, and has been
+/// unlinked. After this returns, the caller must not touch `w` again.
+unsafe fn complete(w: *const Waiter, to: u8) -> Wake {
+    // SAFETY: still alive (its owner frees it only after seeing a completed
+    // state, which is stored last, below); we hold the queue mutex.
+    let wake = unsafe {
+        (*w).with_node(|n| match &n.notify {
             // A thread is registered once and for all: keep it, since a
             // woken waiter may re-queue and need waking again.
-            return Wake::Thread(t.clone());
-        }
-        match std::mem::replace(&mut *notify, Notify::None) {
-            Notify::Waker(w) => Wake::Task(w),
-            _ => Wake::Nobody,
-        }
-    }
+            Notify::Thread(t) => Wake::Thread(t.clone()),
+            _ => match std::mem::replace(&mut n.notify, Notify::None) {
+                Notify::Waker(w) => Wake::Task(w),
+                _ => Wake::Nobody,
+            },
+        })
+    };
+    // Release: pairs with the Acquire in `Waiter::state`; publishes the
+    // previous holder's writes to a `GRANTED` waiter, and orders the access
+    // above before the owner frees the waiter. The last access to `w`.
+    unsafe { &(*w).state }.store(to, Ordering::Release);
+    wake
 }
 
 /// A deferred wake-up, performed after the queue mutex is released.
@@ -178,11 +232,15 @@ impl Wake {
     }
 }
 
-/// Outcome of an immediate acquisition attempt.
+/// The outcome of every acquisition attempt, immediate or waiting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum TryLock {
-    Acquired,
-    Held,
+pub(crate) enum Outcome {
+    /// The caller owns the lock.
+    Locked,
+    /// Somebody else holds it: `try_lock` gave up, `enqueue` queued the
+    /// waiter, a timed wait timed out.
+    Busy,
+    /// The slot was killed (its context deleted).
     Dead,
 }
 
@@ -195,37 +253,132 @@ pub(crate) enum Place {
     Front,
 }
 
-/// Outcome of joining the queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Enqueue {
-    /// The lock turned out free: taken without queueing.
-    Acquired,
-    /// Queued; wait for the waiter's state to change.
-    Queued,
-    Dead,
+/// The wait queue: a doubly linked list through the waiters' nodes. Only
+/// touched under `RawLock::queue`'s mutex.
+struct List {
+    head: *const Waiter,
+    tail: *const Waiter,
+}
+
+// SAFETY: the pointers are dereferenced only under the mutex that owns the
+// list, and the waiters they point to are `Sync`.
+unsafe impl Send for List {}
+
+impl List {
+    const fn new() -> Self {
+        Self {
+            head: ptr::null(),
+            tail: ptr::null(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.head.is_null()
+    }
+
+    fn front(&self) -> Option<*const Waiter> {
+        (!self.head.is_null()).then_some(self.head)
+    }
+
+    /// # Safety (for every method below)
+    /// The caller holds the list's mutex; `w` is alive, pinned, and (for
+    /// `push_*`) not linked, (for `remove`) linked in this list.
+    unsafe fn push_back(&mut self, w: *const Waiter) {
+        let tail = self.tail;
+        // SAFETY: see above.
+        unsafe {
+            (*w).with_node(|n| {
+                n.prev = tail;
+                n.next = ptr::null();
+            });
+            match tail.is_null() {
+                true => self.head = w,
+                false => (*tail).with_node(|n| n.next = w),
+            }
+        }
+        self.tail = w;
+    }
+
+    unsafe fn push_front(&mut self, w: *const Waiter) {
+        let head = self.head;
+        // SAFETY: see `push_back`.
+        unsafe {
+            (*w).with_node(|n| {
+                n.prev = ptr::null();
+                n.next = head;
+            });
+            match head.is_null() {
+                true => self.tail = w,
+                false => (*head).with_node(|n| n.prev = w),
+            }
+        }
+        self.head = w;
+    }
+
+    unsafe fn remove(&mut self, w: *const Waiter) {
+        // SAFETY: see `push_back`.
+        unsafe {
+            let (prev, next) = (*w).with_node(|n| {
+                let links = (n.prev, n.next);
+                n.prev = ptr::null();
+                n.next = ptr::null();
+                links
+            });
+            match prev.is_null() {
+                true => self.head = next,
+                false => (*prev).with_node(|n| n.next = next),
+            }
+            match next.is_null() {
+                true => self.tail = prev,
+                false => (*next).with_node(|n| n.prev = prev),
+            }
+        }
+    }
+
+    /// Whether `w` is linked here (a walk of the list; for assertions).
+    #[cfg(any(debug_assertions, ctxstore_loom))]
+    fn links(&self, w: *const Waiter) -> bool {
+        let mut p = self.head;
+        while !p.is_null() {
+            if p == w {
+                return true;
+            }
+            // SAFETY: linked waiters are alive; the caller holds the mutex.
+            p = unsafe { (*p).with_node(|n| n.next) };
+        }
+        false
+    }
+
+    unsafe fn pop_front(&mut self) -> Option<*const Waiter> {
+        let head = self.front()?;
+        // SAFETY: see `push_back`; the head is linked here.
+        unsafe { self.remove(head) };
+        Some(head)
+    }
 }
 
 /// The lock word plus its wait queue.
 pub(crate) struct RawLock {
     state: AtomicU64,
-    // Invariant: holds only `WAITING` waiters, in arrival order (a woken
-    // waiter that re-queues goes back to the front); non-empty
-    // exactly when `QUEUED` is set (both changed under this mutex).
-    queue: Mutex<VecDeque<Arc<Waiter>>>,
+    // Invariant: links exactly the `WAITING` waiters of this lock, in
+    // arrival order (a woken waiter that re-queues goes back to the front);
+    // non-empty exactly when `QUEUED` is set (both changed under this
+    // mutex).
+    queue: Mutex<List>,
 }
 
 impl RawLock {
     pub(crate) fn new() -> Self {
         Self {
             state: AtomicU64::new(0),
-            queue: Mutex::new(VecDeque::new()),
+            queue: Mutex::new(List::new()),
         }
     }
 
     /// One CAS when the lock is free (also while others wait: barging is
-    /// allowed, see the module docs); never queues.
+    /// allowed, see the module docs); never queues. `Busy`: held.
     #[inline]
-    pub(crate) fn try_lock(&self) -> TryLock {
+    pub(crate) fn try_lock(&self) -> Outcome {
         let mut s = 0;
         loop {
             // Acquire: pairs with the Release in `unlock` / `unlock_slow`,
@@ -234,9 +387,9 @@ impl RawLock {
                 .state
                 .compare_exchange(s, s | LOCKED, Ordering::Acquire, Ordering::Relaxed)
             {
-                Ok(_) => return TryLock::Acquired,
-                Err(actual) if actual & DEAD != 0 => return TryLock::Dead,
-                Err(actual) if actual & LOCKED != 0 => return TryLock::Held,
+                Ok(_) => return Outcome::Locked,
+                Err(actual) if actual & DEAD != 0 => return Outcome::Dead,
+                Err(actual) if actual & LOCKED != 0 => return Outcome::Busy,
                 // Free but QUEUED: take it anyway (bounded fairness).
                 Err(actual) => s = actual,
             }
@@ -246,10 +399,10 @@ impl RawLock {
     /// [`try_lock`](Self::try_lock), then a short spin while the lock is
     /// held (a critical section without `.await` is shorter than a park).
     #[inline]
-    pub(crate) fn try_lock_spin(&self) -> TryLock {
+    pub(crate) fn try_lock_spin(&self) -> Outcome {
         let mut outcome = self.try_lock();
         let mut round = 0;
-        while outcome == TryLock::Held && round < spin_rounds() {
+        while outcome == Outcome::Busy && round < spin_rounds() {
             for _ in 0..(4 << round) {
                 spin_hint();
             }
@@ -262,14 +415,19 @@ impl RawLock {
         outcome
     }
 
-    /// Takes the lock if it is free, else queues `waiter` (at `place`). A
-    /// woken waiter is `WAITING` again afterwards.
-    pub(crate) fn enqueue(&self, waiter: &Arc<Waiter>, place: Place) -> Enqueue {
+    /// Takes the lock if it is free, else links `waiter` (at `place`) and
+    /// sets it `WAITING` (`Busy`).
+    ///
+    /// # Safety
+    /// `waiter` is pinned, not linked, and stays alive until it has been
+    /// completed or [`cancel`](Self::cancel)led; the caller has written its
+    /// node's `notify` and `since` (it owns the node while unlinked).
+    pub(crate) unsafe fn enqueue(&self, waiter: &Waiter, place: Place) -> Outcome {
         let mut queue = self.queue.lock();
         let mut s = self.state.load(Ordering::Relaxed);
         loop {
             if s & DEAD != 0 {
-                return Enqueue::Dead;
+                return Outcome::Dead;
             }
             if s & LOCKED == 0 {
                 // Acquire: as in `try_lock`.
@@ -279,7 +437,7 @@ impl RawLock {
                     Ordering::Acquire,
                     Ordering::Relaxed,
                 ) {
-                    Ok(_) => return Enqueue::Acquired,
+                    Ok(_) => return Outcome::Locked,
                     Err(actual) => s = actual,
                 }
             } else {
@@ -299,11 +457,15 @@ impl RawLock {
                         // mutex we hold; `state()` readers that see WAITING
                         // simply keep waiting.
                         waiter.state.store(WAITING, Ordering::Relaxed);
-                        match place {
-                            Place::Back => queue.push_back(waiter.clone()),
-                            Place::Front => queue.push_front(waiter.clone()),
+                        // SAFETY: by the caller's contract; we hold the
+                        // queue mutex.
+                        unsafe {
+                            match place {
+                                Place::Back => queue.push_back(waiter),
+                                Place::Front => queue.push_front(waiter),
+                            }
                         }
-                        return Enqueue::Queued;
+                        return Outcome::Busy;
                     }
                     Err(actual) => {
                         s = actual;
@@ -312,6 +474,26 @@ impl RawLock {
                 }
             }
         }
+    }
+
+    /// Replaces the waker of a linked task waiter if it is still `WAITING`
+    /// (a re-poll), and returns its state as of that decision. The state is
+    /// read under the queue mutex, so a completion either happened before
+    /// (the caller sees it) or will find the new waker.
+    pub(crate) fn register(&self, waiter: &Waiter, waker: &Waker) -> u8 {
+        let _queue = self.queue.lock();
+        // Acquire: as in `Waiter::state`.
+        let s = waiter.state.load(Ordering::Acquire);
+        if s == WAITING {
+            // SAFETY: linked in our queue, whose mutex we hold.
+            unsafe {
+                waiter.with_node(|n| match &n.notify {
+                    Notify::Waker(w) if w.will_wake(waker) => {}
+                    _ => n.notify = Notify::Waker(waker.clone()),
+                })
+            }
+        }
+        s
     }
 
     /// Releases the lock: clears it when nobody waits (one CAS), else wakes
@@ -382,28 +564,30 @@ impl RawLock {
                 self.state.fetch_and(!(LOCKED | QUEUED), Ordering::Release);
                 Wake::Nobody
             }
-            Some(head) if handoff_due(&head.since) => {
-                let next = queue.pop_front().expect("has a head");
-                if queue.is_empty() {
-                    // Relaxed: QUEUED is only read by CASes that are
-                    // ordered with this one by the queue mutex or by
-                    // coherence of the lock word.
-                    self.state.fetch_and(!QUEUED, Ordering::Relaxed);
-                }
-                // LOCKED stays set: ownership moves to `next`.
-                next.complete(GRANTED)
-            }
-            Some(_) => {
-                let next = queue.pop_front().expect("has a head");
-                let clear = if queue.is_empty() {
-                    LOCKED | QUEUED
+            Some(head) => {
+                // SAFETY: linked in our queue, whose mutex we hold.
+                let due = unsafe { (*head).with_node(|n| handoff_due(&n.since)) };
+                // SAFETY: as above; `complete` is the last access.
+                unsafe { queue.remove(head) };
+                let last = queue.is_empty();
+                if due {
+                    if last {
+                        // Relaxed: QUEUED is only read by CASes that are
+                        // ordered with this one by the queue mutex or by
+                        // coherence of the lock word.
+                        self.state.fetch_and(!QUEUED, Ordering::Relaxed);
+                    }
+                    // LOCKED stays set: ownership moves to the head.
+                    // SAFETY: unlinked just now, under the mutex.
+                    unsafe { complete(head, GRANTED) }
                 } else {
-                    LOCKED
-                };
-                // Free the lock; `next` competes for it. Release: pairs with
-                // the Acquire CAS of whoever takes it next.
-                self.state.fetch_and(!clear, Ordering::Release);
-                next.complete(WOKEN)
+                    let clear = if last { LOCKED | QUEUED } else { LOCKED };
+                    // Free the lock; the head competes for it. Release:
+                    // pairs with the Acquire CAS of whoever takes it next.
+                    self.state.fetch_and(!clear, Ordering::Release);
+                    // SAFETY: unlinked just now, under the mutex.
+                    unsafe { complete(head, WOKEN) }
+                }
             }
         };
         drop(queue);
@@ -414,15 +598,19 @@ impl RawLock {
     /// Takes a waiter out of the queue. Returns `true` if the lock had
     /// already been handed to it: the caller owns the lock and must use or
     /// release it. A waiter that had been woken passes the wake-up on.
-    pub(crate) fn cancel(&self, waiter: &Arc<Waiter>) -> bool {
+    /// Afterwards the waiter is unlinked and not `WAITING`.
+    ///
+    /// # Safety
+    /// `waiter` was queued on this lock by [`enqueue`](Self::enqueue).
+    pub(crate) unsafe fn cancel(&self, waiter: &Waiter) -> bool {
         let mut queue = self.queue.lock();
         // Acquire: as in `Waiter::state`; under the mutex the value is
         // final for this decision (all transitions happen under it).
         let wake = match waiter.state.load(Ordering::Acquire) {
             WAITING => {
-                if let Some(pos) = queue.iter().position(|w| Arc::ptr_eq(w, waiter)) {
-                    queue.remove(pos);
-                }
+                // SAFETY: a WAITING waiter of this lock is linked in its
+                // queue (the invariant), and we hold the mutex.
+                unsafe { queue.remove(waiter) };
                 if queue.is_empty() {
                     // Relaxed: see `unlock_slow`.
                     self.state.fetch_and(!QUEUED, Ordering::Relaxed);
@@ -440,13 +628,15 @@ impl RawLock {
                 // the mutex we hold; a LOCKED seen here means its holder's
                 // release will find the queue.
                 if self.state.load(Ordering::Relaxed) & LOCKED == 0 {
-                    match queue.pop_front() {
+                    // SAFETY: we hold the mutex.
+                    match unsafe { queue.pop_front() } {
                         Some(next) => {
                             if queue.is_empty() {
                                 // Relaxed: see `unlock_slow`.
                                 self.state.fetch_and(!QUEUED, Ordering::Relaxed);
                             }
-                            next.complete(WOKEN)
+                            // SAFETY: unlinked just now, under the mutex.
+                            unsafe { complete(next, WOKEN) }
                         }
                         None => Wake::Nobody,
                     }
@@ -456,23 +646,42 @@ impl RawLock {
             }
             _ => Wake::Nobody,
         };
+        // The waiter's memory may go right after this returns: it must not
+        // be linked any more. Checked in debug builds and in the loom
+        // models (loom sees accesses, not frees, so a stale link would
+        // otherwise only show up once the freed node is read).
+        #[cfg(any(debug_assertions, ctxstore_loom))]
+        assert!(!queue.links(waiter), "a cancelled waiter is still queued");
         drop(queue);
         wake.wake();
         false
     }
 
     /// Marks the lock dead (the caller holds it) and fails every waiter.
-    /// The lock is never released afterwards.
+    /// The lock is never released afterwards. Wakes in batches outside the
+    /// mutex (no allocation); no waiter can join once `DEAD` is set.
     pub(crate) fn kill(&self) {
+        const BATCH: usize = 16;
         let mut queue = self.queue.lock();
         // Release: a later acquirer that reads DEAD (with Acquire or under
         // the mutex) sees everything the deleting holder did.
         self.state.store(LOCKED | DEAD, Ordering::Release);
-        let waiters = std::mem::take(&mut *queue);
-        let wakes: Vec<Wake> = waiters.iter().map(|w| w.complete(KILLED)).collect();
-        drop(queue);
-        for w in wakes {
-            w.wake();
+        // The common case (nobody waits) builds no batch.
+        while !queue.is_empty() {
+            let mut wakes: [Wake; BATCH] = std::array::from_fn(|_| Wake::Nobody);
+            for wake in &mut wakes {
+                // SAFETY: we hold the mutex.
+                let Some(w) = (unsafe { queue.pop_front() }) else {
+                    break;
+                };
+                // SAFETY: unlinked just now, under the mutex.
+                *wake = unsafe { complete(w, KILLED) };
+            }
+            drop(queue);
+            for wake in wakes {
+                wake.wake();
+            }
+            queue = self.queue.lock();
         }
     }
 

@@ -121,7 +121,7 @@ impl<T> Slot<T> {
     #[cfg(ctxstore_loom)]
     pub(crate) fn new_locked(value: T, version: u64) -> Self {
         let slot = Self::new(value, version);
-        assert!(slot.lock.try_lock() == crate::memory::park::TryLock::Acquired);
+        assert!(slot.lock.try_lock() == crate::memory::park::Outcome::Locked);
         slot
     }
 

@@ -11,7 +11,7 @@ use super::conn::{pool_error, ClientTimeouts};
 use super::schema::ensure_schema;
 use super::sql::Sql;
 use super::{Inner, PostgresContextStorage};
-use crate::error::{message, ContextError};
+use crate::error::{message, ContextError, ContextKey};
 use crate::Result;
 
 const DEFAULT_TABLE: &str = "ctxstore_contexts";
@@ -226,9 +226,7 @@ impl PostgresContextStorageBuilder {
 
 pub(super) fn setup_error(msg: impl Into<String>) -> ContextError {
     ContextError::Backend {
-        kind: "postgres",
-        type_name: "PostgresContextStorage",
-        id: None,
+        key: ContextKey::of_backend("postgres", "PostgresContextStorage"),
         source: message(msg),
     }
 }

@@ -11,7 +11,7 @@ use redis::{Client, ProtocolVersion, PushInfo, Value};
 use super::wait::{on_push, WaitRegistry};
 use super::{Inner, RedisContextStorage};
 use crate::error::{boxed, message};
-use crate::{ContextError, Result};
+use crate::{ContextError, ContextKey, Result};
 
 const DEFAULT_LEASE: Duration = Duration::from_secs(5);
 const MIN_LEASE: Duration = Duration::from_millis(10);
@@ -236,9 +236,7 @@ async fn watch_subscription(inner: Weak<Inner>, renew: Duration) {
 
 fn setup_error(source: crate::BoxError) -> ContextError {
     ContextError::Backend {
-        kind: "redis",
-        type_name: "RedisContextStorage",
-        id: None,
+        key: ContextKey::of_backend("redis", "RedisContextStorage"),
         source,
     }
 }

@@ -57,7 +57,7 @@ fn job(name: &str, n: u64) -> ConfJob {
 /// Generates one `#[tokio::test]` per conformance case for `$factory`.
 macro_rules! conformance_tests {
     ($factory:path) => {
-        $crate::conformance::conformance_tests!(@cases $factory;
+        crate::conformance::conformance_tests!(@cases $factory;
             store_then_snapshot,
             store_replaces_and_bumps_version,
             not_found_names_type_and_id,
@@ -91,7 +91,7 @@ macro_rules! conformance_tests {
                 let storage: std::sync::Arc<dyn ctxstore::ContextStorage> = $factory().await;
                 tokio::time::timeout(
                     std::time::Duration::from_secs(120),
-                    $crate::conformance::$case(storage),
+                    crate::conformance::$case(storage),
                 )
                 .await
                 .expect("hang guard: the case did not finish within 120 s");

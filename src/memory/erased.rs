@@ -1,0 +1,121 @@
+//! The engine behind `dyn ContextStorage`: the raw (type-erased) methods,
+//! dispatched through the monomorphized entry points each [`ContextType`]
+//! carries ([`MemOps`]), so an erased call costs one indirect call and no
+//! boxing of values.
+
+use uuid::Uuid;
+
+use super::{not_found, InMemoryContextStorage};
+use crate::context::{Context, ContextType};
+use crate::guard::ContextGuard;
+use crate::storage::{BoxFuture, ContextStorage, ErasedValue, MemOps, RawGuard, RawSnapshot, Wait};
+use crate::Result;
+
+impl ContextStorage for InMemoryContextStorage {
+    fn store_raw(
+        &self,
+        ty: &'static ContextType,
+        id: Uuid,
+        value: ErasedValue,
+    ) -> BoxFuture<'_, Result<u64>> {
+        (ty.mem.store)(self, id, value)
+    }
+
+    fn lock_raw(
+        &self,
+        ty: &'static ContextType,
+        id: Uuid,
+        wait: Wait,
+    ) -> BoxFuture<'_, Result<RawGuard>> {
+        (ty.mem.lock)(self, id, wait)
+    }
+
+    fn snapshot_raw(
+        &self,
+        ty: &'static ContextType,
+        id: Uuid,
+    ) -> BoxFuture<'_, Result<RawSnapshot>> {
+        Box::pin(std::future::ready((ty.mem.snapshot)(self, id)))
+    }
+
+    fn delete_raw(&self, ty: &'static ContextType, id: Uuid) -> BoxFuture<'_, Result<()>> {
+        (ty.mem.delete)(self, id)
+    }
+
+    fn contains_raw(&self, ty: &'static ContextType, id: Uuid) -> BoxFuture<'_, Result<bool>> {
+        Box::pin(std::future::ready(Ok((ty.mem.contains)(self, id))))
+    }
+
+    fn ids_raw(&self, ty: &'static ContextType) -> BoxFuture<'_, Result<Vec<Uuid>>> {
+        Box::pin(std::future::ready(Ok((ty.mem.ids)(self))))
+    }
+
+    fn backend_name(&self) -> &'static str {
+        "memory"
+    }
+
+    fn as_in_memory(&self) -> Option<&InMemoryContextStorage> {
+        Some(self)
+    }
+}
+
+impl MemOps {
+    /// The engine's monomorphized entry points for `T`, stored in `T`'s
+    /// [`ContextType`] so that the raw (type-erased) interface reaches them.
+    pub(crate) const fn of<T: Context>() -> Self {
+        Self {
+            store: store::<T>,
+            lock: lock::<T>,
+            snapshot: snapshot::<T>,
+            delete: delete::<T>,
+            contains: contains::<T>,
+            ids: ids::<T>,
+        }
+    }
+}
+
+fn store<T: Context>(
+    s: &InMemoryContextStorage,
+    id: Uuid,
+    value: ErasedValue,
+) -> BoxFuture<'_, Result<u64>> {
+    Box::pin(async move {
+        match value.downcast::<T>() {
+            Ok(value) => s.store_context(id, *value).await,
+            Err(_) => Err(ContextType::of::<T>().backend_error(
+                Some(id),
+                crate::error::message("store_raw got a value of another type"),
+            )),
+        }
+    })
+}
+
+fn lock<T: Context>(
+    s: &InMemoryContextStorage,
+    id: Uuid,
+    wait: Wait,
+) -> BoxFuture<'_, Result<RawGuard>> {
+    Box::pin(async move {
+        let guard = s.lock_async::<T>(id, wait).await?;
+        Ok(RawGuard::Local(Box::new(ContextGuard::from_memory(guard))))
+    })
+}
+
+fn snapshot<T: Context>(s: &InMemoryContextStorage, id: Uuid) -> Result<RawSnapshot> {
+    s.table
+        // SAFETY: `with` pins the collector `drain_limbo` retires into.
+        .with::<T, _>(id, |slot| RawSnapshot::from_shared(unsafe { slot.load() }))
+        .ok_or_else(|| not_found::<T>(id))
+}
+
+fn delete<T: Context>(s: &InMemoryContextStorage, id: Uuid) -> BoxFuture<'_, Result<()>> {
+    Box::pin(s.delete_context::<T>(id))
+}
+
+fn contains<T: Context>(s: &InMemoryContextStorage, id: Uuid) -> bool {
+    s.contains::<T>(id)
+}
+
+fn ids<T: Context>(s: &InMemoryContextStorage) -> Vec<Uuid> {
+    s.ids::<T>()
+}
