@@ -72,8 +72,28 @@ pub enum RawGuard {
     },
 }
 
-/// A held remote lock. Dropping it without `commit` must release the lock
-/// promptly and without blocking (spawn the release if it needs I/O).
+/// A held remote lock: what a backend's [`RawGuard::Remote`] carries.
+///
+/// # Releasing
+///
+/// * **Dropping a lease is the release.** `Drop` must start giving the
+///   server-side lock back at once and must never block: spawn the I/O (a
+///   release script, a `ROLLBACK`) and return. Never rely on the lock
+///   expiring by itself while the server is reachable.
+/// * [`release`](Self::release) is a rollback and may simply be
+///   `drop(self)` (its default); a lease dropped without `release` (a guard
+///   that was never built, an acquisition that failed after the lock was
+///   taken) is released the same way.
+/// * [`commit`](Self::commit) takes what the lease holds before it starts,
+///   so nothing is released twice; the commit itself ends the lock. A
+///   commit whose outcome is unknown (its reply was lost) gives the lock up
+///   as a drop does.
+/// * If the release cannot run at all (the runtime is gone, the server
+///   unreachable), the server-side lock must still end on its own (a lease
+///   expiry, a connection close).
+///
+/// This crate's Redis and PostgreSQL backends follow these rules (see
+/// `src/remote/mod.rs` for how).
 pub trait Lease: Send + 'static {
     /// Publishes `value` (a `&T` of the guard's type) as the next version if
     /// the lock is still ours, then releases it. Returns the new version.
@@ -81,8 +101,11 @@ pub trait Lease: Send + 'static {
     /// everything it needs.
     fn commit(self: Box<Self>, value: &(dyn Any + Send + Sync)) -> BoxFuture<'static, Result<u64>>;
 
-    /// Releases the lock without writing (rollback).
-    fn release(self: Box<Self>);
+    /// Releases the lock without writing (rollback). The default drops the
+    /// lease, which is the release (see [Releasing](Self#releasing)).
+    fn release(self: Box<Self>) {
+        drop(self);
+    }
 
     /// Resolves once the backend knows the lock is lost (a lease that
     /// expired or was taken over), so that a holder can stop early instead

@@ -163,10 +163,8 @@ impl Lease for PgLease {
         })
     }
 
-    fn release(self: Box<Self>) {
-        // Dropping is the release (the lease convention of `crate::remote`).
-        drop(self);
-    }
+    // `release` is the trait's default, `drop(self)`: dropping is the
+    // release (the lease convention of `crate::remote`).
 }
 
 impl Drop for PgLease {

@@ -350,10 +350,8 @@ impl Lease for RedisLease {
         })
     }
 
-    fn release(self: Box<Self>) {
-        // Dropping is the release (the lease convention of `crate::remote`).
-        drop(self);
-    }
+    // `release` is the trait's default, `drop(self)`: dropping is the
+    // release (the lease convention of `crate::remote`).
 
     fn lost(&self) -> BoxFuture<'static, ()> {
         let mut lost = self.lost.clone();
