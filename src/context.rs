@@ -9,7 +9,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::error::{boxed, message, BoxError, ContextError, ContextKey};
-use crate::guard::Versioned;
+use crate::snapshot::Versioned;
 use crate::storage::{ErasedValue, MemOps, RawSnapshot};
 
 /// A value that can be stored as a context.

@@ -1,23 +1,14 @@
-//! [`ContextGuard`] and [`Snapshot`]: one type each over every backend.
+//! [`ContextGuard`]: one guard type over every backend.
 
-use std::borrow::Borrow;
 use std::fmt;
 use std::ops::{Deref, DerefMut};
 
 use uuid::Uuid;
 
-use crate::context::{Context, ContextType};
-use crate::memory::{MemGuard, Shared};
+use crate::context::Context;
+use crate::memory::MemGuard;
 pub(crate) use crate::remote::RemoteGuard;
-use crate::storage::RawSnapshot;
 use crate::Result;
-
-/// A committed value and its version, as a remote backend decodes it.
-#[derive(Debug)]
-pub(crate) struct Versioned<T> {
-    pub(crate) version: u64,
-    pub(crate) value: T,
-}
 
 /// An exclusive, owned lock on one context, with a private working copy.
 ///
@@ -176,85 +167,4 @@ pub(crate) fn warn_uncommitted(type_name: &'static str, id: Uuid) {
         "context guard dropped with uncommitted changes; they were rolled back \
          (call rollback() to discard on purpose)"
     );
-}
-
-/// A read-only, consistent view of one committed version of a context.
-///
-/// Shares the committed value (reference-counted, like an `Arc`), never
-/// copies it; cloning is one reference-count increment. It stays valid
-/// however the context changes later, including deletion.
-pub struct Snapshot<T> {
-    inner: Shared<T>,
-}
-
-impl<T> Snapshot<T> {
-    #[inline]
-    pub(crate) fn from_shared(inner: Shared<T>) -> Self {
-        Self { inner }
-    }
-
-    /// The version this snapshot shows.
-    #[inline]
-    pub fn version(&self) -> u64 {
-        self.inner.version()
-    }
-}
-
-impl<T: Context> Snapshot<T> {
-    pub(crate) fn from_raw(ty: &'static ContextType, id: Uuid, raw: RawSnapshot) -> Result<Self> {
-        match raw.0.downcast::<Shared<T>>() {
-            Ok(inner) => Ok(Self { inner: *inner }),
-            Err(_) => Err(ty.backend_error(
-                Some(id),
-                crate::error::message("backend returned a snapshot of another type"),
-            )),
-        }
-    }
-
-    /// The value, cloned only if other snapshots still share it.
-    pub fn into_owned(self) -> T {
-        match self.inner.try_unwrap() {
-            Ok(value) => value,
-            Err(shared) => shared.value().clone(),
-        }
-    }
-}
-
-impl<T> Clone for Snapshot<T> {
-    #[inline]
-    fn clone(&self) -> Self {
-        Self {
-            inner: self.inner.clone(),
-        }
-    }
-}
-
-impl<T> Deref for Snapshot<T> {
-    type Target = T;
-
-    #[inline]
-    fn deref(&self) -> &T {
-        self.inner.value()
-    }
-}
-
-impl<T> AsRef<T> for Snapshot<T> {
-    fn as_ref(&self) -> &T {
-        self.inner.value()
-    }
-}
-
-impl<T> Borrow<T> for Snapshot<T> {
-    fn borrow(&self) -> &T {
-        self.inner.value()
-    }
-}
-
-impl<T: fmt::Debug> fmt::Debug for Snapshot<T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Snapshot")
-            .field("version", &self.inner.version())
-            .field("value", self.inner.value())
-            .finish()
-    }
 }

@@ -107,6 +107,7 @@ mod redis;
 mod remote;
 #[cfg(feature = "redis")]
 pub use redis::{RedisContextStorage, RedisContextStorageBuilder};
+mod snapshot;
 mod storage;
 mod sync;
 mod util;
@@ -116,10 +117,11 @@ pub use error::{BoxError, ContextError, ContextKey, Result};
 pub use global::{
     context_storage, set_context_storage, with_context_storage, with_context_storage_blocking,
 };
-pub use guard::{ContextGuard, Snapshot};
+pub use guard::ContextGuard;
 pub use memory::InMemoryContextStorage;
 #[cfg(feature = "postgres")]
 pub use postgres::{PostgresContextStorage, PostgresContextStorageBuilder};
+pub use snapshot::Snapshot;
 pub use storage::{
     BoxFuture, ContextStorage, ContextStorageExt, ErasedValue, Lease, RawGuard, RawSnapshot, Wait,
 };

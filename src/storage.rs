@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use crate::context::{Context, ContextType};
-use crate::guard::{ContextGuard, RemoteGuard, Snapshot, Versioned};
+use crate::guard::{ContextGuard, RemoteGuard};
 use crate::memory::Shared;
+use crate::snapshot::{Snapshot, Versioned};
 use crate::{InMemoryContextStorage, Result};
 
 /// A boxed, `Send` future: what the object-safe interface returns.
