@@ -18,6 +18,7 @@ mod direct {
     }
 
     crate::conformance::conformance_tests!(make);
+    crate::conformance::conditional_tests!(make);
 }
 
 /// Forwards every raw method to the engine and keeps the default
@@ -55,6 +56,25 @@ impl ContextStorage for PassThrough {
         self.0.delete_raw(ty, id)
     }
 
+    fn store_if_raw(
+        &self,
+        ty: &'static ContextType,
+        id: Uuid,
+        expected: u64,
+        value: ErasedValue,
+    ) -> BoxFuture<'_, Result<u64>> {
+        self.0.store_if_raw(ty, id, expected, value)
+    }
+
+    fn delete_if_raw(
+        &self,
+        ty: &'static ContextType,
+        id: Uuid,
+        expected: u64,
+    ) -> BoxFuture<'_, Result<()>> {
+        self.0.delete_if_raw(ty, id, expected)
+    }
+
     fn contains_raw(&self, ty: &'static ContextType, id: Uuid) -> BoxFuture<'_, Result<bool>> {
         self.0.contains_raw(ty, id)
     }
@@ -74,6 +94,7 @@ mod erased {
     }
 
     crate::conformance::conformance_tests!(make);
+    crate::conformance::conditional_tests!(make);
 }
 
 /// The erased path really is taken: the decorator hides the engine.

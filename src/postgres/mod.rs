@@ -399,6 +399,33 @@ impl ContextStorage for PostgresContextStorage {
         Box::pin(self.delete(ty, id))
     }
 
+    fn store_if_raw(
+        &self,
+        ty: &'static ContextType,
+        id: Uuid,
+        _expected: u64,
+        _value: ErasedValue,
+    ) -> BoxFuture<'_, Result<u64>> {
+        // Not implemented on this backend yet (issue 11): a clear error,
+        // never a silent unconditional write.
+        Box::pin(std::future::ready(Err(ty.backend_error(
+            Some(id),
+            crate::error::message("conditional writes are not implemented on PostgreSQL yet"),
+        ))))
+    }
+
+    fn delete_if_raw(
+        &self,
+        ty: &'static ContextType,
+        id: Uuid,
+        _expected: u64,
+    ) -> BoxFuture<'_, Result<()>> {
+        Box::pin(std::future::ready(Err(ty.backend_error(
+            Some(id),
+            crate::error::message("conditional writes are not implemented on PostgreSQL yet"),
+        ))))
+    }
+
     fn contains_raw(&self, ty: &'static ContextType, id: Uuid) -> BoxFuture<'_, Result<bool>> {
         Box::pin(self.contains(ty, id))
     }
