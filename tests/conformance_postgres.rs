@@ -12,3 +12,4 @@ async fn make() -> std::sync::Arc<dyn ctxstore::ContextStorage> {
 }
 
 conformance::conformance_tests!(make);
+conformance::conditional_tests!(make);
