@@ -18,7 +18,6 @@ mod direct {
     }
 
     crate::conformance::conformance_tests!(make);
-    crate::conformance::conditional_tests!(make);
 }
 
 /// Forwards every raw method to the engine and keeps the default
@@ -94,7 +93,6 @@ mod erased {
     }
 
     crate::conformance::conformance_tests!(make);
-    crate::conformance::conditional_tests!(make);
 }
 
 /// The erased path really is taken: the decorator hides the engine.

@@ -12,4 +12,3 @@ async fn make() -> std::sync::Arc<dyn ctxstore::ContextStorage> {
 }
 
 conformance::conformance_tests!(make);
-conformance::conditional_tests!(make);

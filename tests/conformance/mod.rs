@@ -82,6 +82,17 @@ macro_rules! conformance_tests {
             concurrent_increments_are_exact,
             delete_and_recreate_while_tasks_queue,
             scoped_default_storage,
+            store_if_at_current_version_writes,
+            store_if_stale_conflicts_and_changes_nothing,
+            store_if_zero_creates_once,
+            store_if_absent_nonzero_is_not_found,
+            delete_if_right_wrong_absent,
+            store_if_waits_for_holder_then_conflicts,
+            store_if_waits_for_holder_then_succeeds_after_rollback,
+            delete_if_waits_for_holder_then_conflicts,
+            optimistic_increments_are_exact,
+            optimistic_returns_result_and_not_found,
+            create_once_race_succeeds_exactly_once,
         );
     };
     (@cases $factory:path; $($case:ident),* $(,)?) => {
@@ -100,30 +111,6 @@ macro_rules! conformance_tests {
     };
 }
 pub(crate) use conformance_tests;
-
-/// The conditional-write cases (issue 11), kept in their own list while
-/// backends gain `store_if_raw`/`delete_if_raw`; a runner enables them with
-/// `conditional_tests!(make)`.
-#[allow(unused_macros)]
-macro_rules! conditional_tests {
-    ($factory:path) => {
-        crate::conformance::conformance_tests!(@cases $factory;
-            store_if_at_current_version_writes,
-            store_if_stale_conflicts_and_changes_nothing,
-            store_if_zero_creates_once,
-            store_if_absent_nonzero_is_not_found,
-            delete_if_right_wrong_absent,
-            store_if_waits_for_holder_then_conflicts,
-            store_if_waits_for_holder_then_succeeds_after_rollback,
-            delete_if_waits_for_holder_then_conflicts,
-            optimistic_increments_are_exact,
-            optimistic_returns_result_and_not_found,
-            create_once_race_succeeds_exactly_once,
-        );
-    };
-}
-#[allow(unused_imports)]
-pub(crate) use conditional_tests;
 
 type Store = Arc<dyn ContextStorage>;
 
