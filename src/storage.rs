@@ -151,6 +151,43 @@ pub trait ContextStorage: Send + Sync + 'static {
     /// Deletes the context, waiting for a holder first.
     fn delete_raw(&self, ty: &'static ContextType, id: Uuid) -> BoxFuture<'_, Result<()>>;
 
+    /// Stores `value` (a `Box<T>`) as the next version only if the committed
+    /// version is `expected`; returns the new version.
+    ///
+    /// What must hold:
+    /// * It is a writer: while a guard holds the key it waits for the holder
+    ///   (like [`store_raw`](Self::store_raw)), then compares.
+    /// * `expected == 0` means "only if no context exists" (create-once);
+    ///   under concurrent creates exactly one succeeds, and a recreated
+    ///   context's version stays above any version it had before.
+    /// * A mismatch is `ty.conflict(id, expected, found)` with `found` the
+    ///   committed version; `expected != 0` on an absent key is `NotFound`.
+    /// * A refused write changes nothing (value, version, or holders).
+    /// * The comparison and the write are one atomic step on the backend.
+    fn store_if_raw(
+        &self,
+        ty: &'static ContextType,
+        id: Uuid,
+        expected: u64,
+        value: ErasedValue,
+    ) -> BoxFuture<'_, Result<u64>>;
+
+    /// Deletes the context only if its committed version is `expected`.
+    ///
+    /// What must hold: as for [`store_if_raw`](Self::store_if_raw) (waits
+    /// for a holder, then compares; a refused delete changes nothing), and
+    /// an absent key is `NotFound` whatever `expected` is (also for `0`);
+    /// an existing one with another version (or `expected == 0`) is
+    /// `ty.conflict(id, expected, found)`. A successful delete moves the
+    /// version floor like [`delete_raw`](Self::delete_raw), so a later
+    /// create gets a higher version.
+    fn delete_if_raw(
+        &self,
+        ty: &'static ContextType,
+        id: Uuid,
+        expected: u64,
+    ) -> BoxFuture<'_, Result<()>>;
+
     /// Whether a context of this type is stored under `id`.
     fn contains_raw(&self, ty: &'static ContextType, id: Uuid) -> BoxFuture<'_, Result<bool>>;
 
@@ -296,6 +333,107 @@ pub trait ContextStorageExt: ContextStorage {
         }
     }
 
+    /// Stores `value` as the next version only if the committed version is
+    /// `expected_version`, and returns the new version. `0` means "only if
+    /// no context exists" (create-once). Waits for a guard holder, then
+    /// compares.
+    ///
+    /// Errors: `Conflict { expected, found }` when the committed version
+    /// differs (creating over an existing context gives `expected == 0`);
+    /// `NotFound` when `expected_version != 0` and no context exists. A
+    /// refused write changes nothing.
+    ///
+    /// # Cancel safety
+    /// Dropping the future before it completes writes nothing, except that
+    /// a remote call already sent may still be applied whole.
+    fn store_context_if<T: Context>(
+        &self,
+        id: Uuid,
+        expected_version: u64,
+        value: T,
+    ) -> impl Future<Output = Result<u64>> + Send + '_ {
+        async move {
+            if let Some(memory) = self.as_in_memory() {
+                return memory.store_context_if(id, expected_version, value).await;
+            }
+            self.store_if_raw(
+                ContextType::of::<T>(),
+                id,
+                expected_version,
+                Box::new(value),
+            )
+            .await
+        }
+    }
+
+    /// Deletes the context only if its committed version is
+    /// `expected_version`. `Conflict { expected, found }` if it differs (or
+    /// `expected_version == 0` and a context exists); `NotFound` if no
+    /// context exists. Waits for a guard holder first.
+    ///
+    /// # Cancel safety
+    /// As for [`store_context_if`](Self::store_context_if).
+    fn delete_context_if<T: Context>(
+        &self,
+        id: Uuid,
+        expected_version: u64,
+    ) -> impl Future<Output = Result<()>> + Send + '_ {
+        async move {
+            if let Some(memory) = self.as_in_memory() {
+                return memory.delete_context_if::<T>(id, expected_version).await;
+            }
+            self.delete_if_raw(ContextType::of::<T>(), id, expected_version)
+                .await
+        }
+    }
+
+    /// Applies `f` optimistically: reads the committed value, runs `f` on a
+    /// private copy **without holding the lock**, then writes the copy with
+    /// [`store_context_if`](Self::store_context_if) at the version it read;
+    /// on `Conflict` it starts over from the newer version. Returns the
+    /// result of the run of `f` whose copy was written.
+    ///
+    /// `f` may run more than once, so it should only change the copy it is
+    /// given. A panic in `f` writes nothing. On a remote backend each
+    /// attempt is one read plus one conditional write. Under heavy
+    /// contention on one key, [`update_context`](Self::update_context)
+    /// (which waits instead of retrying) does less work.
+    ///
+    /// # Cancel safety
+    /// Dropping the future writes nothing that `f` computed in the attempt
+    /// it interrupts, except that a conditional write already sent may
+    /// still be applied whole.
+    fn update_context_optimistic<'a, T, R, F>(
+        &'a self,
+        id: Uuid,
+        f: F,
+    ) -> impl Future<Output = Result<R>> + Send + 'a
+    where
+        T: Context,
+        R: Send + 'a,
+        F: FnMut(&mut T) -> R + Send + 'a,
+    {
+        async move {
+            let mut f = f;
+            if let Some(memory) = self.as_in_memory() {
+                return memory.update_context_optimistic(id, f).await;
+            }
+            let ty = ContextType::of::<T>();
+            loop {
+                let raw = self.snapshot_raw(ty, id).await?;
+                let snap = Snapshot::<T>::from_raw(ty, id, raw)?;
+                let expected = snap.version();
+                let mut copy = snap.into_owned();
+                let out = f(&mut copy);
+                match self.store_if_raw(ty, id, expected, Box::new(copy)).await {
+                    Ok(_) => return Ok(out),
+                    Err(e) if e.is_conflict() => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+
     /// Whether a context of type `T` is stored under `id`.
     fn contains_context<T: Context>(
         &self,
@@ -377,6 +515,14 @@ pub(crate) struct MemOps {
     pub(crate) snapshot: fn(&InMemoryContextStorage, Uuid) -> crate::Result<RawSnapshot>,
     pub(crate) delete:
         for<'a> fn(&'a InMemoryContextStorage, Uuid) -> BoxFuture<'a, crate::Result<()>>,
+    pub(crate) store_if: for<'a> fn(
+        &'a InMemoryContextStorage,
+        Uuid,
+        u64,
+        ErasedValue,
+    ) -> BoxFuture<'a, crate::Result<u64>>,
+    pub(crate) delete_if:
+        for<'a> fn(&'a InMemoryContextStorage, Uuid, u64) -> BoxFuture<'a, crate::Result<()>>,
     pub(crate) contains: fn(&InMemoryContextStorage, Uuid) -> bool,
     pub(crate) ids: fn(&InMemoryContextStorage) -> Vec<Uuid>,
 }

@@ -318,6 +318,18 @@ impl ContextStorage for Liar {
     fn delete_raw(&self, _: &'static ContextType, _: Uuid) -> BoxFuture<'_, Result<()>> {
         Box::pin(async { Ok(()) })
     }
+    fn store_if_raw(
+        &self,
+        _: &'static ContextType,
+        _: Uuid,
+        _: u64,
+        _: ErasedValue,
+    ) -> BoxFuture<'_, Result<u64>> {
+        Box::pin(async { Ok(1) })
+    }
+    fn delete_if_raw(&self, _: &'static ContextType, _: Uuid, _: u64) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
     fn contains_raw(&self, _: &'static ContextType, _: Uuid) -> BoxFuture<'_, Result<bool>> {
         Box::pin(async { Ok(true) })
     }

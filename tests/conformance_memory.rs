@@ -55,6 +55,25 @@ impl ContextStorage for PassThrough {
         self.0.delete_raw(ty, id)
     }
 
+    fn store_if_raw(
+        &self,
+        ty: &'static ContextType,
+        id: Uuid,
+        expected: u64,
+        value: ErasedValue,
+    ) -> BoxFuture<'_, Result<u64>> {
+        self.0.store_if_raw(ty, id, expected, value)
+    }
+
+    fn delete_if_raw(
+        &self,
+        ty: &'static ContextType,
+        id: Uuid,
+        expected: u64,
+    ) -> BoxFuture<'_, Result<()>> {
+        self.0.delete_if_raw(ty, id, expected)
+    }
+
     fn contains_raw(&self, ty: &'static ContextType, id: Uuid) -> BoxFuture<'_, Result<bool>> {
         self.0.contains_raw(ty, id)
     }

@@ -192,6 +192,41 @@ impl ContextStorage for BytesBackend {
         })
     }
 
+    fn store_if_raw(
+        &self,
+        ty: &'static ContextType,
+        id: Uuid,
+        expected: u64,
+        value: ErasedValue,
+    ) -> BoxFuture<'_, Result<u64>> {
+        let found = {
+            let cell = self.cell.lock().unwrap();
+            cell.bytes.as_ref().map(|_| cell.version)
+        };
+        match found {
+            None if expected != 0 => ready(Err(ty.not_found(id))),
+            Some(found) if found != expected => ready(Err(ty.conflict(id, expected, found))),
+            _ => self.store_raw(ty, id, value),
+        }
+    }
+
+    fn delete_if_raw(
+        &self,
+        ty: &'static ContextType,
+        id: Uuid,
+        expected: u64,
+    ) -> BoxFuture<'_, Result<()>> {
+        let found = {
+            let cell = self.cell.lock().unwrap();
+            cell.bytes.as_ref().map(|_| cell.version)
+        };
+        match found {
+            None => ready(Err(ty.not_found(id))),
+            Some(found) if found != expected => ready(Err(ty.conflict(id, expected, found))),
+            Some(_) => self.delete_raw(ty, id),
+        }
+    }
+
     fn contains_raw(&self, _ty: &'static ContextType, _id: Uuid) -> BoxFuture<'_, Result<bool>> {
         ready(Ok(self.cell.lock().unwrap().bytes.is_some()))
     }

@@ -42,6 +42,25 @@ impl ContextStorage for InMemoryContextStorage {
         (ty.mem.delete)(self, id)
     }
 
+    fn store_if_raw(
+        &self,
+        ty: &'static ContextType,
+        id: Uuid,
+        expected: u64,
+        value: ErasedValue,
+    ) -> BoxFuture<'_, Result<u64>> {
+        (ty.mem.store_if)(self, id, expected, value)
+    }
+
+    fn delete_if_raw(
+        &self,
+        ty: &'static ContextType,
+        id: Uuid,
+        expected: u64,
+    ) -> BoxFuture<'_, Result<()>> {
+        (ty.mem.delete_if)(self, id, expected)
+    }
+
     fn contains_raw(&self, ty: &'static ContextType, id: Uuid) -> BoxFuture<'_, Result<bool>> {
         Box::pin(std::future::ready(Ok((ty.mem.contains)(self, id))))
     }
@@ -68,6 +87,8 @@ impl MemOps {
             lock: lock::<T>,
             snapshot: snapshot::<T>,
             delete: delete::<T>,
+            store_if: store_if::<T>,
+            delete_if: delete_if::<T>,
             contains: contains::<T>,
             ids: ids::<T>,
         }
@@ -110,6 +131,31 @@ fn snapshot<T: Context>(s: &InMemoryContextStorage, id: Uuid) -> Result<RawSnaps
 
 fn delete<T: Context>(s: &InMemoryContextStorage, id: Uuid) -> BoxFuture<'_, Result<()>> {
     Box::pin(s.delete_context::<T>(id))
+}
+
+fn store_if<T: Context>(
+    s: &InMemoryContextStorage,
+    id: Uuid,
+    expected: u64,
+    value: ErasedValue,
+) -> BoxFuture<'_, Result<u64>> {
+    Box::pin(async move {
+        match value.downcast::<T>() {
+            Ok(value) => s.store_context_if(id, expected, *value).await,
+            Err(_) => Err(ContextType::of::<T>().backend_error(
+                Some(id),
+                crate::error::message("store_if_raw got a value of another type"),
+            )),
+        }
+    })
+}
+
+fn delete_if<T: Context>(
+    s: &InMemoryContextStorage,
+    id: Uuid,
+    expected: u64,
+) -> BoxFuture<'_, Result<()>> {
+    Box::pin(s.delete_context_if::<T>(id, expected))
 }
 
 fn contains<T: Context>(s: &InMemoryContextStorage, id: Uuid) -> bool {

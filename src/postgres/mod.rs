@@ -337,6 +337,123 @@ impl PostgresContextStorage {
         }
     }
 
+    /// One conditional write in one round trip: `BEGIN`, the write `query`
+    /// (which returns the new version's row if it applied), then the
+    /// committed version read `FOR SHARE` (which waits for a guard's row
+    /// lock, so a refusal reports the version the holder left), `COMMIT`,
+    /// all pipelined. Returns (the write's row, the version row).
+    async fn conditional(
+        &self,
+        ty: &'static ContextType,
+        id: Uuid,
+        query: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<(Option<tokio_postgres::Row>, Option<tokio_postgres::Row>)> {
+        let mut conn = self.conn(ty, Some(id), Wait::Forever).await?;
+        let client = conn.client();
+        let err = |e| ty.backend_error(Some(id), pg(e));
+        let (write, version) = self
+            .bounded(
+                ty,
+                Some(id),
+                "prepare",
+                in_order(
+                    client.prepare_cached(query),
+                    client.prepare_cached(&self.inner.sql.version_share),
+                ),
+            )
+            .await?;
+        let (write, version) = (write.map_err(err)?, version.map_err(err)?);
+        let kind = ty.kind();
+        let key: [&(dyn ToSql + Sync); 2] = [&kind, &id];
+        // The write waits for a holder's row lock (statement timeout off)
+        // and re-checks the version once it has it (READ COMMITTED).
+        let (began, (written, (found, committed))) = in_order(
+            client.batch_execute("BEGIN; SET LOCAL statement_timeout = 0"),
+            in_order(
+                client.query_opt(&write, params),
+                in_order(
+                    client.query_opt(&version, &key),
+                    client.batch_execute("COMMIT"),
+                ),
+            ),
+        )
+        .await;
+        conn.clean = committed.is_ok();
+        match (began, written, found, committed) {
+            (Ok(()), Ok(written), Ok(found), Ok(())) => Ok((written, found)),
+            (Err(e), ..) | (_, Err(e), ..) | (_, _, Err(e), _) | (.., Err(e)) => Err(err(e)),
+        }
+    }
+
+    async fn store_if(
+        &self,
+        ty: &'static ContextType,
+        id: Uuid,
+        expected: u64,
+        value: ErasedValue,
+    ) -> Result<u64> {
+        let bytes = ty.encode(Some(id), &*value)?;
+        let json = json_text(ty, id, &bytes)?;
+        let sql = &self.inner.sql;
+        let kind = ty.kind();
+        // A version beyond i64 matches no row: the refusal reports the
+        // committed one.
+        let expected_i64 = i64::try_from(expected).unwrap_or(-1);
+        let _gate = self.pass_gate(ty, id, Wait::Forever).await?;
+        loop {
+            let (written, found) = if expected == 0 {
+                let params: [&(dyn ToSql + Sync); 3] = [&kind, &id, &json];
+                self.conditional(ty, id, &sql.create_once, &params).await?
+            } else {
+                let params: [&(dyn ToSql + Sync); 4] = [&kind, &id, &json, &expected_i64];
+                self.conditional(ty, id, &sql.commit, &params).await?
+            };
+            if let Some(row) = written {
+                return row_version(ty, id, &row);
+            }
+            match found {
+                Some(row) => {
+                    let found = row_version(ty, id, &row)?;
+                    // Recreated between the two statements at the expected
+                    // version cannot happen (versions come from a sequence),
+                    // but going again is the safe answer.
+                    if found != expected {
+                        return Err(ty.conflict(id, expected, found));
+                    }
+                }
+                None if expected != 0 => return Err(ty.not_found(id)),
+                // Create-once lost to a row that was deleted again before
+                // the version read: nothing was written; go again.
+                None => {}
+            }
+        }
+    }
+
+    async fn delete_if(&self, ty: &'static ContextType, id: Uuid, expected: u64) -> Result<()> {
+        let kind = ty.kind();
+        let expected_i64 = i64::try_from(expected).unwrap_or(-1);
+        let _gate = self.pass_gate(ty, id, Wait::Forever).await?;
+        loop {
+            let params: [&(dyn ToSql + Sync); 3] = [&kind, &id, &expected_i64];
+            let (deleted, found) = self
+                .conditional(ty, id, &self.inner.sql.delete_if, &params)
+                .await?;
+            if deleted.is_some() {
+                return Ok(());
+            }
+            match found {
+                None => return Err(ty.not_found(id)),
+                Some(row) => {
+                    let found = row_version(ty, id, &row)?;
+                    if found != expected {
+                        return Err(ty.conflict(id, expected, found));
+                    }
+                }
+            }
+        }
+    }
+
     async fn contains(&self, ty: &'static ContextType, id: Uuid) -> Result<bool> {
         let mut conn = self.read_conn(ty, Some(id)).await?;
         let client = conn.client();
@@ -397,6 +514,25 @@ impl ContextStorage for PostgresContextStorage {
 
     fn delete_raw(&self, ty: &'static ContextType, id: Uuid) -> BoxFuture<'_, Result<()>> {
         Box::pin(self.delete(ty, id))
+    }
+
+    fn store_if_raw(
+        &self,
+        ty: &'static ContextType,
+        id: Uuid,
+        expected: u64,
+        value: ErasedValue,
+    ) -> BoxFuture<'_, Result<u64>> {
+        Box::pin(self.store_if(ty, id, expected, value))
+    }
+
+    fn delete_if_raw(
+        &self,
+        ty: &'static ContextType,
+        id: Uuid,
+        expected: u64,
+    ) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.delete_if(ty, id, expected))
     }
 
     fn contains_raw(&self, ty: &'static ContextType, id: Uuid) -> BoxFuture<'_, Result<bool>> {

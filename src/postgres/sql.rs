@@ -22,6 +22,12 @@ pub(super) struct Sql {
     pub(super) update: String,
     pub(super) snapshot: String,
     pub(super) delete: String,
+    /// Create-once: inserts with the next sequence value, or nothing.
+    pub(super) create_once: String,
+    /// Conditional delete (`$3`: the expected version).
+    pub(super) delete_if: String,
+    /// The committed version, waiting for a holder's row lock.
+    pub(super) version_share: String,
     pub(super) contains: String,
     pub(super) ids: String,
 }
@@ -51,6 +57,17 @@ impl Sql {
             ),
             snapshot: format!("SELECT version, value::text FROM {t} WHERE kind = $1 AND id = $2"),
             delete: format!("DELETE FROM {t} WHERE kind = $1 AND id = $2"),
+            create_once: format!(
+                "INSERT INTO {t} (kind, id, version, value, updated_at) \
+                 VALUES ($1, $2, nextval('{seq}'), $3::text::jsonb, now()) \
+                 ON CONFLICT (kind, id) DO NOTHING RETURNING version"
+            ),
+            delete_if: format!(
+                "DELETE FROM {t} WHERE kind = $1 AND id = $2 AND version = $3 RETURNING version"
+            ),
+            version_share: format!(
+                "SELECT version FROM {t} WHERE kind = $1 AND id = $2 FOR SHARE"
+            ),
             contains: format!("SELECT EXISTS (SELECT 1 FROM {t} WHERE kind = $1 AND id = $2)"),
             ids: format!("SELECT id FROM {t} WHERE kind = $1"),
         }

@@ -43,7 +43,7 @@ use uuid::Uuid;
 pub use builder::RedisContextStorageBuilder;
 use lease::{PendingRelease, RedisLease};
 use reply::{bad_reply, corrupt, held_ttl, reply_items, version_of};
-use scripts::{DELETE, STORE};
+use scripts::{DELETE, DELETE_IF, STORE, STORE_IF};
 use wait::WaitRegistry;
 
 use crate::context::ContextType;
@@ -267,6 +267,96 @@ impl ContextStorage for RedisContextStorage {
                         1 => Ok(Step::Done(())),
                         0 => Ok(Step::Held(held_ttl(rest))),
                         -1 => Ok(Step::Missing),
+                        -3 => Err(corrupt(ty, id, &keys.data, rest)),
+                        _ => Err(bad_reply(ty, id, &v)),
+                    }
+                }
+            })
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn store_if_raw(
+        &self,
+        ty: &'static ContextType,
+        id: Uuid,
+        expected: u64,
+        value: ErasedValue,
+    ) -> BoxFuture<'_, Result<u64>> {
+        Box::pin(async move {
+            let bytes = ty.encode(Some(id), &*value)?;
+            let keys = self.keys(ty, id);
+            let mark_ms = self.mark_ms();
+            // Like `store_raw`: the script refuses while a lease is held,
+            // and `with_wait` waits for its release (the key's gate, then
+            // the wake-up) and calls it again; it compares only when free.
+            let (version, _gate) = self
+                .with_wait(ty, id, &keys.data, Wait::Forever, |_| {
+                    let mut conn = self.inner.conn.clone();
+                    let keys = &keys;
+                    let bytes = &bytes;
+                    let floor = &self.inner.floor_key;
+                    async move {
+                        let v: Value = STORE_IF
+                            .key(&keys.data)
+                            .key(&keys.lock)
+                            .key(&keys.waiting)
+                            .key(floor)
+                            .arg(bytes.as_slice())
+                            .arg(ty.kind())
+                            .arg(mark_ms)
+                            .arg(expected.to_string())
+                            .invoke_async(&mut conn)
+                            .await
+                            .map_err(|e| ty.backend_error(Some(id), boxed(e)))?;
+                        let (code, rest) = reply_items(ty, id, &v)?;
+                        match code {
+                            1 => Ok(Step::Done(version_of(ty, id, rest.first())?)),
+                            0 => Ok(Step::Held(held_ttl(rest))),
+                            -1 => Ok(Step::Missing),
+                            2 => Err(ty.conflict(id, expected, version_of(ty, id, rest.first())?)),
+                            -3 => Err(corrupt(ty, id, &keys.data, rest)),
+                            _ => Err(bad_reply(ty, id, &v)),
+                        }
+                    }
+                })
+                .await?;
+            Ok(version)
+        })
+    }
+
+    fn delete_if_raw(
+        &self,
+        ty: &'static ContextType,
+        id: Uuid,
+        expected: u64,
+    ) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let keys = self.keys(ty, id);
+            let mark_ms = self.mark_ms();
+            self.with_wait(ty, id, &keys.data, Wait::Forever, |_| {
+                let mut conn = self.inner.conn.clone();
+                let keys = &keys;
+                let floor = &self.inner.floor_key;
+                async move {
+                    let v: Value = DELETE_IF
+                        .key(&keys.data)
+                        .key(&keys.lock)
+                        .key(&keys.waiting)
+                        .key(floor)
+                        .arg(ty.kind())
+                        .arg(mark_ms)
+                        .arg(expected.to_string())
+                        .invoke_async(&mut conn)
+                        .await
+                        .map_err(|e| ty.backend_error(Some(id), boxed(e)))?;
+                    let (code, rest) = reply_items(ty, id, &v)?;
+                    match code {
+                        1 => Ok(Step::Done(())),
+                        0 => Ok(Step::Held(held_ttl(rest))),
+                        -1 => Ok(Step::Missing),
+                        2 => Err(ty.conflict(id, expected, version_of(ty, id, rest.first())?)),
                         -3 => Err(corrupt(ty, id, &keys.data, rest)),
                         _ => Err(bad_reply(ty, id, &v)),
                     }

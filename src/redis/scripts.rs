@@ -30,6 +30,16 @@ pub(super) static STORE: LazyLock<Script> =
 pub(super) static DELETE: LazyLock<Script> =
     LazyLock::new(|| Script::new(with_num!("scripts/delete.lua")));
 
+/// `store_context_if`: compares the version, then writes, unless a lease
+/// is held.
+pub(super) static STORE_IF: LazyLock<Script> =
+    LazyLock::new(|| Script::new(with_num!("scripts/store_if.lua")));
+
+/// `delete_context_if`: compares the version, then deletes (raising the
+/// kind's floor), unless a lease is held.
+pub(super) static DELETE_IF: LazyLock<Script> =
+    LazyLock::new(|| Script::new(with_num!("scripts/delete_if.lua")));
+
 /// A guard's commit: token and version checked, then write, release, wake.
 pub(super) static COMMIT: LazyLock<Script> =
     LazyLock::new(|| Script::new(with_num!("scripts/commit.lua")));
@@ -62,6 +72,8 @@ mod tests {
             ("acquire", &ACQUIRE),
             ("store", &STORE),
             ("delete", &DELETE),
+            ("store_if", &STORE_IF),
+            ("delete_if", &DELETE_IF),
             ("commit", &COMMIT),
             ("release", &RELEASE),
             ("renew", &RENEW),

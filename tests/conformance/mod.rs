@@ -82,6 +82,17 @@ macro_rules! conformance_tests {
             concurrent_increments_are_exact,
             delete_and_recreate_while_tasks_queue,
             scoped_default_storage,
+            store_if_at_current_version_writes,
+            store_if_stale_conflicts_and_changes_nothing,
+            store_if_zero_creates_once,
+            store_if_absent_nonzero_is_not_found,
+            delete_if_right_wrong_absent,
+            store_if_waits_for_holder_then_conflicts,
+            store_if_waits_for_holder_then_succeeds_after_rollback,
+            delete_if_waits_for_holder_then_conflicts,
+            optimistic_increments_are_exact,
+            optimistic_returns_result_and_not_found,
+            create_once_race_succeeds_exactly_once,
         );
     };
     (@cases $factory:path; $($case:ident),* $(,)?) => {
@@ -622,4 +633,228 @@ pub async fn scoped_default_storage(s: Store) {
     })
     .await;
     assert_eq!(s.get_context_snapshot::<ConfJob>(id).await.unwrap().n, 1);
+}
+
+// ------------------------------------------------------ conditional writes
+
+fn assert_conflict(e: &ctxstore::ContextError, id: Uuid, expected: u64, found: u64) {
+    match e {
+        ctxstore::ContextError::Conflict {
+            expected: e_exp,
+            found: e_found,
+            ..
+        } => assert_eq!((*e_exp, *e_found), (expected, found), "{e}"),
+        other => panic!("expected Conflict, got {other}"),
+    }
+    assert!(e.is_conflict());
+    assert_eq!(e.id(), Some(id));
+    assert_eq!(e.kind(), ConfJob::kind());
+}
+
+async fn state(s: &Store, id: Uuid) -> (ConfJob, u64) {
+    let snap = s.get_context_snapshot::<ConfJob>(id).await.unwrap();
+    let v = snap.version();
+    (snap.into_owned(), v)
+}
+
+pub async fn store_if_at_current_version_writes(s: Store) {
+    let id = Uuid::new_v4();
+    let v0 = s.store_context(id, job("a", 1)).await.unwrap();
+    let v1 = s.store_context_if(id, v0, job("b", 2)).await.unwrap();
+    assert!(v1 > v0);
+    assert_eq!(state(&s, id).await, (job("b", 2), v1));
+    let v2 = s.store_context_if(id, v1, job("c", 3)).await.unwrap();
+    assert!(v2 > v1);
+    assert_eq!(state(&s, id).await, (job("c", 3), v2));
+}
+
+pub async fn store_if_stale_conflicts_and_changes_nothing(s: Store) {
+    let id = Uuid::new_v4();
+    let v0 = s.store_context(id, job("a", 1)).await.unwrap();
+    let v1 = s.store_context(id, job("b", 2)).await.unwrap();
+    let e = s
+        .store_context_if(id, v0, job("stale", 9))
+        .await
+        .unwrap_err();
+    assert_conflict(&e, id, v0, v1);
+    assert_eq!(state(&s, id).await, (job("b", 2), v1));
+    // A version from the future conflicts too.
+    let e = s
+        .store_context_if(id, v1 + 100, job("future", 9))
+        .await
+        .unwrap_err();
+    assert_conflict(&e, id, v1 + 100, v1);
+    assert_eq!(state(&s, id).await, (job("b", 2), v1));
+}
+
+pub async fn store_if_zero_creates_once(s: Store) {
+    let id = Uuid::new_v4();
+    let v = s.store_context_if(id, 0, job("first", 1)).await.unwrap();
+    assert!(v >= 1);
+    assert_eq!(state(&s, id).await, (job("first", 1), v));
+    let e = s
+        .store_context_if(id, 0, job("second", 2))
+        .await
+        .unwrap_err();
+    assert_conflict(&e, id, 0, v);
+    assert_eq!(state(&s, id).await, (job("first", 1), v));
+    // After a delete, create-once works again, above the old version.
+    s.delete_context::<ConfJob>(id).await.unwrap();
+    let v2 = s.store_context_if(id, 0, job("again", 3)).await.unwrap();
+    assert!(v2 > v, "a recreated context's version must not go back");
+}
+
+pub async fn store_if_absent_nonzero_is_not_found(s: Store) {
+    let id = Uuid::new_v4();
+    let e = s.store_context_if(id, 1, job("x", 1)).await.unwrap_err();
+    assert!(e.is_not_found(), "{e}");
+    assert_eq!(e.id(), Some(id));
+    assert!(!s.contains_context::<ConfJob>(id).await.unwrap());
+    // Also after a delete.
+    let v = s.store_context(id, job("a", 1)).await.unwrap();
+    s.delete_context::<ConfJob>(id).await.unwrap();
+    let e = s.store_context_if(id, v, job("x", 1)).await.unwrap_err();
+    assert!(e.is_not_found(), "{e}");
+    assert!(!s.contains_context::<ConfJob>(id).await.unwrap());
+}
+
+pub async fn delete_if_right_wrong_absent(s: Store) {
+    let id = Uuid::new_v4();
+    let v0 = s.store_context(id, job("a", 1)).await.unwrap();
+    let v1 = s.store_context(id, job("b", 2)).await.unwrap();
+    let e = s.delete_context_if::<ConfJob>(id, v0).await.unwrap_err();
+    assert_conflict(&e, id, v0, v1);
+    let e = s.delete_context_if::<ConfJob>(id, 0).await.unwrap_err();
+    assert_conflict(&e, id, 0, v1);
+    assert_eq!(state(&s, id).await, (job("b", 2), v1));
+    s.delete_context_if::<ConfJob>(id, v1).await.unwrap();
+    assert!(!s.contains_context::<ConfJob>(id).await.unwrap());
+    let e = s.delete_context_if::<ConfJob>(id, v1).await.unwrap_err();
+    assert!(e.is_not_found(), "{e}");
+    let e = s.delete_context_if::<ConfJob>(id, 0).await.unwrap_err();
+    assert!(e.is_not_found(), "{e}");
+    // The version floor moved: a recreate is above the deleted version.
+    let v2 = s.store_context(id, job("c", 3)).await.unwrap();
+    assert!(v2 > v1);
+}
+
+pub async fn store_if_waits_for_holder_then_conflicts(s: Store) {
+    let id = Uuid::new_v4();
+    let v0 = s.store_context(id, job("a", 0)).await.unwrap();
+    let mut g = s.get_context::<ConfJob>(id).await.unwrap();
+    let s2 = s.clone();
+    let write = tokio::spawn(async move { s2.store_context_if(id, v0, job("cond", 7)).await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(
+        !write.is_finished(),
+        "store_context_if went ahead while a guard held the context"
+    );
+    g.n = 1;
+    let v_guard = g.commit().await.unwrap();
+    let e = write.await.unwrap().unwrap_err();
+    assert_conflict(&e, id, v0, v_guard);
+    let (value, v) = state(&s, id).await;
+    assert_eq!((value.name.as_str(), value.n, v), ("a", 1, v_guard));
+}
+
+pub async fn store_if_waits_for_holder_then_succeeds_after_rollback(s: Store) {
+    let id = Uuid::new_v4();
+    let v0 = s.store_context(id, job("a", 0)).await.unwrap();
+    let mut g = s.get_context::<ConfJob>(id).await.unwrap();
+    let s2 = s.clone();
+    let write = tokio::spawn(async move { s2.store_context_if(id, v0, job("cond", 7)).await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(
+        !write.is_finished(),
+        "store_context_if went ahead while a guard held the context"
+    );
+    g.n = 1;
+    g.rollback();
+    let v = write.await.unwrap().unwrap();
+    assert!(v > v0);
+    assert_eq!(state(&s, id).await, (job("cond", 7), v));
+}
+
+pub async fn delete_if_waits_for_holder_then_conflicts(s: Store) {
+    let id = Uuid::new_v4();
+    let v0 = s.store_context(id, job("a", 0)).await.unwrap();
+    let mut g = s.get_context::<ConfJob>(id).await.unwrap();
+    let s2 = s.clone();
+    let delete = tokio::spawn(async move { s2.delete_context_if::<ConfJob>(id, v0).await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(
+        !delete.is_finished(),
+        "delete_context_if went ahead while a guard held the context"
+    );
+    g.n = 1;
+    let v_guard = g.commit().await.unwrap();
+    let e = delete.await.unwrap().unwrap_err();
+    assert_conflict(&e, id, v0, v_guard);
+    assert_eq!(state(&s, id).await.1, v_guard);
+}
+
+pub async fn optimistic_increments_are_exact(s: Store) {
+    let id = Uuid::new_v4();
+    s.store_context(id, job("counter", 0)).await.unwrap();
+    const TASKS: u64 = 16;
+    const EACH: u64 = 50;
+    let mut tasks = Vec::new();
+    for _ in 0..TASKS {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..EACH {
+                s.update_context_optimistic(id, |c: &mut ConfJob| c.n += 1)
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(state(&s, id).await.0.n, TASKS * EACH);
+}
+
+pub async fn optimistic_returns_result_and_not_found(s: Store) {
+    let id = Uuid::new_v4();
+    let e = s
+        .update_context_optimistic(id, |c: &mut ConfJob| c.n)
+        .await
+        .unwrap_err();
+    assert!(e.is_not_found(), "{e}");
+    let v0 = s.store_context(id, job("a", 41)).await.unwrap();
+    let out = s
+        .update_context_optimistic(id, |c: &mut ConfJob| {
+            c.n += 1;
+            c.n * 2
+        })
+        .await
+        .unwrap();
+    assert_eq!(out, 84);
+    let (value, v) = state(&s, id).await;
+    assert_eq!(value.n, 42);
+    assert!(v > v0);
+}
+
+pub async fn create_once_race_succeeds_exactly_once(s: Store) {
+    let id = Uuid::new_v4();
+    let mut tasks = Vec::new();
+    for i in 0..16u64 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            s.store_context_if(id, 0, job("racer", i)).await
+        }));
+    }
+    let mut won = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(v) => won.push(v),
+            Err(e) => {
+                assert!(e.is_conflict(), "{e}");
+                assert_eq!(e.id(), Some(id));
+            }
+        }
+    }
+    assert_eq!(won.len(), 1, "create-once succeeded {} times", won.len());
+    assert_eq!(state(&s, id).await.1, won[0]);
 }

@@ -1,0 +1,24 @@
+-- delete_context_if: deletes the context only if its committed version is
+-- the expected one, and raises its kind's version floor to that version
+-- (as delete.lua does), unless a lease is held.
+-- KEYS: data, lock, waiting, floor. ARGV: kind, waiting-mark ms, expected
+-- version (decimal).
+-- Returns {1} when deleted, {0, pttl} if held, {-1} if absent, {2, found}
+-- if the committed version differs (nothing written),
+-- {-3, 'version' | 'floor', found} if a number is corrupt (nothing
+-- written).
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('SET', KEYS[3], '1', 'PX', ARGV[2])
+  return {0, redis.call('PTTL', KEYS[2])}
+end
+local v = redis.call('HGET', KEYS[1], 'version')
+if not v then return {-1} end
+local n = num(v)
+if not n then return {-3, 'version', v} end
+local canon = string.gsub(v, '^0+(%d)', '%1')
+if canon ~= ARGV[3] then return {2, v} end
+local f = redis.call('HGET', KEYS[4], ARGV[1])
+if f and not num(f) then return {-3, 'floor', f} end
+if (not f) or num(f) < n then redis.call('HSET', KEYS[4], ARGV[1], v) end
+redis.call('DEL', KEYS[1])
+return {1}
