@@ -41,6 +41,7 @@ pub struct ContextKey {
 impl ContextKey {
     /// The key of a backend's own failure that concerns no context type
     /// (a refused connection or schema at setup): `kind` names the backend.
+    #[cfg(any(feature = "redis", feature = "postgres"))]
     pub(crate) fn of_backend(kind: &'static str, type_name: &'static str) -> Self {
         Self {
             kind,
