@@ -142,6 +142,67 @@ fn new_token() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 
+impl RedisContextStorage {
+    /// `store_raw` (`expected: None`, the `STORE` script) and `store_if_raw`
+    /// (`Some`, the `STORE_IF` script, which takes the expected version as
+    /// one more argument and may also answer "missing" or "conflict"). Both
+    /// scripts refuse while a lease is held, and `with_wait` waits for its
+    /// release (the key's gate, then the wake-up) and calls them again; the
+    /// conditional one compares only when the key is free.
+    async fn store_with(
+        &self,
+        ty: &'static ContextType,
+        id: Uuid,
+        value: ErasedValue,
+        expected: Option<u64>,
+    ) -> Result<u64> {
+        let bytes = ty.encode(Some(id), &*value)?;
+        let keys = self.keys(ty, id);
+        let mark_ms = self.mark_ms();
+        let (version, _gate) = self
+            .with_wait(ty, id, &keys.data, Wait::Forever, |_| {
+                let mut conn = self.inner.conn.clone();
+                let keys = &keys;
+                let bytes = &bytes;
+                let floor = &self.inner.floor_key;
+                async move {
+                    let script = match expected {
+                        None => &*STORE,
+                        Some(_) => &*STORE_IF,
+                    };
+                    let mut call = script.prepare_invoke();
+                    call.key(&keys.data)
+                        .key(&keys.lock)
+                        .key(&keys.waiting)
+                        .key(floor)
+                        .arg(bytes.as_slice())
+                        .arg(ty.kind())
+                        .arg(mark_ms);
+                    if let Some(expected) = expected {
+                        call.arg(expected.to_string());
+                    }
+                    let v: Value = call
+                        .invoke_async(&mut conn)
+                        .await
+                        .map_err(|e| ty.backend_error(Some(id), boxed(e)))?;
+                    let (code, rest) = reply_items(ty, id, &v)?;
+                    match (code, expected) {
+                        (1, _) => Ok(Step::Done(version_of(ty, id, rest.first())?)),
+                        (0, _) => Ok(Step::Held(held_ttl(rest))),
+                        (-1, Some(_)) => Ok(Step::Missing),
+                        (2, Some(expected)) => {
+                            Err(ty.conflict(id, expected, version_of(ty, id, rest.first())?))
+                        }
+                        (-3, _) => Err(corrupt(ty, id, &keys.data, rest)),
+                        _ => Err(bad_reply(ty, id, &v)),
+                    }
+                }
+            })
+            .await?;
+        Ok(version)
+    }
+}
+
 impl ContextStorage for RedisContextStorage {
     fn store_raw(
         &self,
@@ -149,40 +210,7 @@ impl ContextStorage for RedisContextStorage {
         id: Uuid,
         value: ErasedValue,
     ) -> BoxFuture<'_, Result<u64>> {
-        Box::pin(async move {
-            let bytes = ty.encode(Some(id), &*value)?;
-            let keys = self.keys(ty, id);
-            let mark_ms = self.mark_ms();
-            let (version, _gate) = self
-                .with_wait(ty, id, &keys.data, Wait::Forever, |_| {
-                    let mut conn = self.inner.conn.clone();
-                    let keys = &keys;
-                    let bytes = &bytes;
-                    let floor = &self.inner.floor_key;
-                    async move {
-                        let v: Value = STORE
-                            .key(&keys.data)
-                            .key(&keys.lock)
-                            .key(&keys.waiting)
-                            .key(floor)
-                            .arg(bytes.as_slice())
-                            .arg(ty.kind())
-                            .arg(mark_ms)
-                            .invoke_async(&mut conn)
-                            .await
-                            .map_err(|e| ty.backend_error(Some(id), boxed(e)))?;
-                        let (code, rest) = reply_items(ty, id, &v)?;
-                        match code {
-                            1 => Ok(Step::Done(version_of(ty, id, rest.first())?)),
-                            0 => Ok(Step::Held(held_ttl(rest))),
-                            -3 => Err(corrupt(ty, id, &keys.data, rest)),
-                            _ => Err(bad_reply(ty, id, &v)),
-                        }
-                    }
-                })
-                .await?;
-            Ok(version)
-        })
+        Box::pin(self.store_with(ty, id, value, None))
     }
 
     fn lock_raw(
@@ -284,46 +312,7 @@ impl ContextStorage for RedisContextStorage {
         expected: u64,
         value: ErasedValue,
     ) -> BoxFuture<'_, Result<u64>> {
-        Box::pin(async move {
-            let bytes = ty.encode(Some(id), &*value)?;
-            let keys = self.keys(ty, id);
-            let mark_ms = self.mark_ms();
-            // Like `store_raw`: the script refuses while a lease is held,
-            // and `with_wait` waits for its release (the key's gate, then
-            // the wake-up) and calls it again; it compares only when free.
-            let (version, _gate) = self
-                .with_wait(ty, id, &keys.data, Wait::Forever, |_| {
-                    let mut conn = self.inner.conn.clone();
-                    let keys = &keys;
-                    let bytes = &bytes;
-                    let floor = &self.inner.floor_key;
-                    async move {
-                        let v: Value = STORE_IF
-                            .key(&keys.data)
-                            .key(&keys.lock)
-                            .key(&keys.waiting)
-                            .key(floor)
-                            .arg(bytes.as_slice())
-                            .arg(ty.kind())
-                            .arg(mark_ms)
-                            .arg(expected.to_string())
-                            .invoke_async(&mut conn)
-                            .await
-                            .map_err(|e| ty.backend_error(Some(id), boxed(e)))?;
-                        let (code, rest) = reply_items(ty, id, &v)?;
-                        match code {
-                            1 => Ok(Step::Done(version_of(ty, id, rest.first())?)),
-                            0 => Ok(Step::Held(held_ttl(rest))),
-                            -1 => Ok(Step::Missing),
-                            2 => Err(ty.conflict(id, expected, version_of(ty, id, rest.first())?)),
-                            -3 => Err(corrupt(ty, id, &keys.data, rest)),
-                            _ => Err(bad_reply(ty, id, &v)),
-                        }
-                    }
-                })
-                .await?;
-            Ok(version)
-        })
+        Box::pin(self.store_with(ty, id, value, Some(expected)))
     }
 
     fn delete_if_raw(
