@@ -111,6 +111,7 @@ mod snapshot;
 mod storage;
 mod sync;
 mod util;
+mod watch;
 
 pub use context::{Context, ContextType};
 pub use error::{BoxError, ContextError, ContextKey, Result};
@@ -126,6 +127,7 @@ pub use storage::{
     BoxFuture, ContextStorage, ContextStorageExt, ErasedValue, Lease, RawGuard, RawSnapshot, Wait,
 };
 pub use uuid::Uuid;
+pub use watch::{ContextWatch, RawWatch};
 
 /// The README's examples, compiled and run as doc tests.
 #[cfg(doctest)]

@@ -58,6 +58,10 @@ impl<T: Context> Snapshot<T> {
         }
     }
 
+    pub(crate) fn into_raw(self) -> RawSnapshot {
+        RawSnapshot::from_shared(self.inner)
+    }
+
     /// The value, cloned only if other snapshots still share it.
     pub fn into_owned(self) -> T {
         match self.inner.try_unwrap() {

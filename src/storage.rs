@@ -12,6 +12,7 @@ use crate::context::{Context, ContextType};
 use crate::guard::{ContextGuard, RemoteGuard};
 use crate::memory::Shared;
 use crate::snapshot::{Snapshot, Versioned};
+use crate::watch::{ContextWatch, RawWatch};
 use crate::{InMemoryContextStorage, Result};
 
 /// A boxed, `Send` future: what the object-safe interface returns.
@@ -193,6 +194,29 @@ pub trait ContextStorage: Send + Sync + 'static {
 
     /// The ids of every context of this type.
     fn ids_raw(&self, ty: &'static ContextType) -> BoxFuture<'_, Result<Vec<Uuid>>>;
+
+    /// Starts watching the context: returns its committed version now and
+    /// a [`RawWatch`] that reports newer ones (see [`RawWatch`] for what
+    /// must hold). `NotFound` for an unknown id.
+    ///
+    /// Register for change notifications *before* reading the first
+    /// version, so that a commit between the two is not missed.
+    ///
+    /// The default fails with a `Backend` error saying that the backend
+    /// cannot watch; a backend that can implements it.
+    fn watch_raw(
+        &self,
+        ty: &'static ContextType,
+        id: Uuid,
+    ) -> BoxFuture<'_, Result<(RawSnapshot, Box<dyn RawWatch>)>> {
+        let name = self.backend_name();
+        Box::pin(async move {
+            Err(ty.backend_error(
+                Some(id),
+                crate::error::message(format!("the {name} backend cannot watch contexts")),
+            ))
+        })
+    }
 
     /// A short name of the backend, for logs (`"memory"`, `"redis"`...).
     fn backend_name(&self) -> &'static str;
@@ -434,6 +458,26 @@ pub trait ContextStorageExt: ContextStorage {
         }
     }
 
+    /// Watches the context: a [`ContextWatch`] whose
+    /// [`changed`](ContextWatch::changed) returns the current version at
+    /// once, then waits for each newer one (returning the newest), and
+    /// `NotFound` once the context is deleted. `NotFound` for an unknown id.
+    ///
+    /// # Cancel safety
+    /// Dropping the future before it completes leaves nothing registered.
+    fn watch_context<T: Context>(
+        &self,
+        id: Uuid,
+    ) -> impl Future<Output = Result<ContextWatch<T>>> + Send + '_ {
+        async move {
+            if let Some(memory) = self.as_in_memory() {
+                return memory.watch_context::<T>(id).await;
+            }
+            let (first, watch) = self.watch_raw(ContextType::of::<T>(), id).await?;
+            ContextWatch::from_raw(id, first, watch)
+        }
+    }
+
     /// Whether a context of type `T` is stored under `id`.
     fn contains_context<T: Context>(
         &self,
@@ -523,6 +567,8 @@ pub(crate) struct MemOps {
     ) -> BoxFuture<'a, crate::Result<u64>>,
     pub(crate) delete_if:
         for<'a> fn(&'a InMemoryContextStorage, Uuid, u64) -> BoxFuture<'a, crate::Result<()>>,
+    pub(crate) watch:
+        fn(&InMemoryContextStorage, Uuid) -> crate::Result<(RawSnapshot, Box<dyn RawWatch>)>,
     pub(crate) contains: fn(&InMemoryContextStorage, Uuid) -> bool,
     pub(crate) ids: fn(&InMemoryContextStorage) -> Vec<Uuid>,
 }

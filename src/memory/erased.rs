@@ -3,12 +3,16 @@
 //! carries ([`MemOps`]), so an erased call costs one indirect call and no
 //! boxing of values.
 
+use std::task::{Context as TaskContext, Poll};
+
 use uuid::Uuid;
 
-use super::{not_found, InMemoryContextStorage};
+use super::{not_found, InMemoryContextStorage, MemWatch};
 use crate::context::{Context, ContextType};
 use crate::guard::ContextGuard;
+use crate::snapshot::Snapshot;
 use crate::storage::{BoxFuture, ContextStorage, ErasedValue, MemOps, RawGuard, RawSnapshot, Wait};
+use crate::watch::RawWatch;
 use crate::Result;
 
 impl ContextStorage for InMemoryContextStorage {
@@ -61,6 +65,14 @@ impl ContextStorage for InMemoryContextStorage {
         (ty.mem.delete_if)(self, id, expected)
     }
 
+    fn watch_raw(
+        &self,
+        ty: &'static ContextType,
+        id: Uuid,
+    ) -> BoxFuture<'_, Result<(RawSnapshot, Box<dyn RawWatch>)>> {
+        Box::pin(std::future::ready((ty.mem.watch)(self, id)))
+    }
+
     fn contains_raw(&self, ty: &'static ContextType, id: Uuid) -> BoxFuture<'_, Result<bool>> {
         Box::pin(std::future::ready(Ok((ty.mem.contains)(self, id))))
     }
@@ -89,6 +101,7 @@ impl MemOps {
             delete: delete::<T>,
             store_if: store_if::<T>,
             delete_if: delete_if::<T>,
+            watch: watch::<T>,
             contains: contains::<T>,
             ids: ids::<T>,
         }
@@ -156,6 +169,25 @@ fn delete_if<T: Context>(
     expected: u64,
 ) -> BoxFuture<'_, Result<()>> {
     Box::pin(s.delete_context_if::<T>(id, expected))
+}
+
+/// The engine's watch behind `dyn RawWatch`.
+struct ErasedWatch<T: Context>(MemWatch<T>);
+
+impl<T: Context> RawWatch for ErasedWatch<T> {
+    fn poll_changed(&mut self, cx: &mut TaskContext<'_>, after: u64) -> Poll<Result<RawSnapshot>> {
+        self.0
+            .poll_changed(cx, after)
+            .map(|r| r.map(Snapshot::into_raw))
+    }
+}
+
+fn watch<T: Context>(
+    s: &InMemoryContextStorage,
+    id: Uuid,
+) -> Result<(RawSnapshot, Box<dyn RawWatch>)> {
+    let (first, watch) = s.watch_parts::<T>(id)?;
+    Ok((first.into_raw(), Box::new(ErasedWatch(watch))))
 }
 
 fn contains<T: Context>(s: &InMemoryContextStorage, id: Uuid) -> bool {

@@ -14,6 +14,7 @@ pub(crate) mod park;
 pub(crate) mod slot;
 mod table;
 pub(crate) mod version;
+mod watch;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -30,6 +31,7 @@ use self::park::Outcome;
 use self::slot::Slot;
 use self::table::Table;
 pub(crate) use self::version::Shared;
+pub(crate) use self::watch::MemWatch;
 use crate::context::{Context, ContextType};
 use crate::guard::ContextGuard;
 use crate::snapshot::Snapshot;

@@ -68,6 +68,11 @@ impl Table {
         &self.collector
     }
 
+    /// The collector, shared (a watch outlives its lookup).
+    pub(crate) fn collector_arc(&self) -> Arc<seize::Collector> {
+        self.collector.clone()
+    }
+
     /// Runs `f` on the slot without touching its reference count, pinned in
     /// [`collector`](Self::collector) for the whole call.
     #[inline]
