@@ -127,7 +127,7 @@ pub use storage::{
     BoxFuture, ContextStorage, ContextStorageExt, ErasedValue, Lease, RawGuard, RawSnapshot, Wait,
 };
 pub use uuid::Uuid;
-pub use watch::{ContextWatch, RawWatch};
+pub use watch::{ContextWatch, RawWatch, RawWatchStart};
 
 /// The README's examples, compiled and run as doc tests.
 #[cfg(doctest)]

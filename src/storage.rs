@@ -12,7 +12,7 @@ use crate::context::{Context, ContextType};
 use crate::guard::{ContextGuard, RemoteGuard};
 use crate::memory::Shared;
 use crate::snapshot::{Snapshot, Versioned};
-use crate::watch::{ContextWatch, RawWatch};
+use crate::watch::{ContextWatch, RawWatchStart};
 use crate::{InMemoryContextStorage, Result};
 
 /// A boxed, `Send` future: what the object-safe interface returns.
@@ -208,7 +208,7 @@ pub trait ContextStorage: Send + Sync + 'static {
         &self,
         ty: &'static ContextType,
         id: Uuid,
-    ) -> BoxFuture<'_, Result<(RawSnapshot, Box<dyn RawWatch>)>> {
+    ) -> BoxFuture<'_, Result<RawWatchStart>> {
         let name = self.backend_name();
         Box::pin(async move {
             Err(ty.backend_error(
@@ -567,8 +567,7 @@ pub(crate) struct MemOps {
     ) -> BoxFuture<'a, crate::Result<u64>>,
     pub(crate) delete_if:
         for<'a> fn(&'a InMemoryContextStorage, Uuid, u64) -> BoxFuture<'a, crate::Result<()>>,
-    pub(crate) watch:
-        fn(&InMemoryContextStorage, Uuid) -> crate::Result<(RawSnapshot, Box<dyn RawWatch>)>,
+    pub(crate) watch: fn(&InMemoryContextStorage, Uuid) -> crate::Result<RawWatchStart>,
     pub(crate) contains: fn(&InMemoryContextStorage, Uuid) -> bool,
     pub(crate) ids: fn(&InMemoryContextStorage) -> Vec<Uuid>,
 }

@@ -41,6 +41,10 @@ pub trait RawWatch: Send + 'static {
     fn poll_changed(&mut self, cx: &mut TaskContext<'_>, after: u64) -> Poll<Result<RawSnapshot>>;
 }
 
+/// What [`ContextStorage::watch_raw`](crate::ContextStorage::watch_raw)
+/// returns: the committed version when the watch began, and the watch.
+pub type RawWatchStart = (RawSnapshot, Box<dyn RawWatch>);
+
 /// Follows one context: each [`changed`](Self::changed) waits for a newer
 /// committed version and returns the newest one.
 ///

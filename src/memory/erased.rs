@@ -12,7 +12,7 @@ use crate::context::{Context, ContextType};
 use crate::guard::ContextGuard;
 use crate::snapshot::Snapshot;
 use crate::storage::{BoxFuture, ContextStorage, ErasedValue, MemOps, RawGuard, RawSnapshot, Wait};
-use crate::watch::RawWatch;
+use crate::watch::{RawWatch, RawWatchStart};
 use crate::Result;
 
 impl ContextStorage for InMemoryContextStorage {
@@ -69,7 +69,7 @@ impl ContextStorage for InMemoryContextStorage {
         &self,
         ty: &'static ContextType,
         id: Uuid,
-    ) -> BoxFuture<'_, Result<(RawSnapshot, Box<dyn RawWatch>)>> {
+    ) -> BoxFuture<'_, Result<RawWatchStart>> {
         Box::pin(std::future::ready((ty.mem.watch)(self, id)))
     }
 
@@ -182,10 +182,7 @@ impl<T: Context> RawWatch for ErasedWatch<T> {
     }
 }
 
-fn watch<T: Context>(
-    s: &InMemoryContextStorage,
-    id: Uuid,
-) -> Result<(RawSnapshot, Box<dyn RawWatch>)> {
+fn watch<T: Context>(s: &InMemoryContextStorage, id: Uuid) -> Result<RawWatchStart> {
     let (first, watch) = s.watch_parts::<T>(id)?;
     Ok((first.into_raw(), Box::new(ErasedWatch(watch))))
 }
