@@ -92,17 +92,15 @@ pub type RawWatchStart = (RawSnapshot, Box<dyn RawWatch>);
 ///     for _ in 0..3 {
 ///         writer.update_context(id, |p: &mut Progress| p.done += 1).await.unwrap();
 ///     }
-///     writer.delete_context::<Progress>(id).await.unwrap();
 /// });
 /// let mut seen = 0;
-/// loop {
-///     match watch.changed().await {
-///         Ok(p) => { assert!(p.done > seen || seen == 0); seen = p.done }
-///         Err(e) if e.is_not_found() => break, // deleted
-///         Err(e) => return Err(e),
-///     }
+/// while seen < 3 {
+///     let p = watch.changed().await?; // the newest version; may skip some
+///     assert!(p.done > seen);
+///     seen = p.done;
 /// }
-/// assert_eq!(seen, 3); // the last version is never skipped
+/// store.delete_context::<Progress>(id).await?;
+/// assert!(watch.changed().await.unwrap_err().is_not_found());
 /// # Ok(()) }
 /// ```
 pub struct ContextWatch<T: Context> {
