@@ -100,7 +100,7 @@ pub type RawWatchStart = (RawSnapshot, Box<dyn RawWatch>);
 ///     seen = p.done;
 /// }
 /// store.delete_context::<Progress>(id).await?;
-/// assert!(watch.changed().await.unwrap_err().is_not_found());
+/// assert!(matches!(watch.changed().await, Err(e) if e.is_not_found()));
 /// # Ok(()) }
 /// ```
 pub struct ContextWatch<T: Context> {
