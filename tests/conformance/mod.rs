@@ -879,13 +879,18 @@ async fn assert_quiet(w: &mut ctxstore::ContextWatch<ConfJob>, what: &str) {
     }
 }
 
-/// `changed()` returns within the hang guard.
+/// `changed()` returns within the hang guard. The deadline is checked
+/// *before* the watch is polled (`biased`): `tokio::time::timeout` polls
+/// the inner future first when its timer fires, and that poll would find
+/// the new version even if no wake-up ever came.
 async fn next(
     w: &mut ctxstore::ContextWatch<ConfJob>,
 ) -> ctxstore::Result<ctxstore::Snapshot<ConfJob>> {
-    tokio::time::timeout(Duration::from_secs(20), w.changed())
-        .await
-        .expect("changed() did not return within 20 s")
+    tokio::select! {
+        biased;
+        _ = tokio::time::sleep(Duration::from_secs(20)) => panic!("changed() was not woken within 20 s"),
+        got = w.changed() => got,
+    }
 }
 
 pub async fn watch_first_returns_current_and_unknown_is_not_found(s: Store) {
