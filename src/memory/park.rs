@@ -2,12 +2,14 @@
 //!
 //! # Implementation details
 //!
-//! The lock is one `AtomicU64` with three bits:
+//! The lock is one `AtomicU64` with these bits:
 //!
 //! * `LOCKED`: somebody owns the slot (a guard, a store or a delete);
 //! * `QUEUED`: the wait queue is not empty (changed only under the queue
 //!   mutex, together with the queue);
-//! * `DEAD`: the context was deleted; every acquisition fails from now on.
+//! * `DEAD`: the context was deleted; every acquisition fails from now on;
+//! * `ORPHAN`: the store was dropped while the lock was held;
+//! * `WATCHED`: somebody waits for a newer version (see "Watchers").
 //!
 //! Uncontended acquire is one CAS setting `LOCKED`; uncontended release is
 //! one CAS `LOCKED -> 0`. Neither touches the queue. The queue is touched
@@ -61,6 +63,33 @@
 //! ([`RawLock::cancel`] reports it, the caller releases); one that was
 //! woken but will not retry passes the wake-up on to the next waiter if the
 //! lock is free. So a wake-up is never lost and the lock never leaks.
+//!
+//! ## Watchers
+//!
+//! A second list behind a second mutex links the watchers of the slot
+//! (`memory::watch`): waiters for a *newer version*, not for the lock.
+//! `WATCHED` in the lock word says the list is not empty. The uncontended
+//! release CAS (`LOCKED -> 0`) fails when it is set, so a commit on a key
+//! nobody watches costs nothing more; a release that reads `WATCHED` in
+//! its RMW on the word wakes one watcher, the *lead* (`LEAD`), and the
+//! lead wakes every other linked watcher when it runs (or when its wait
+//! is cancelled): a release costs the same with one watcher or a
+//! thousand, and the fan-out runs on the watchers' time.
+//!
+//! No wake-up is lost: a watcher links itself and, if it is the first,
+//! sets `WATCHED` with an `AcqRel` CAS under the list's mutex, and only
+//! then re-reads the committed version. Every release is an RMW on the
+//! same word (one runs even on the hand-off path, where no bit changes),
+//! so the two are ordered in the word's modification order: either the
+//! release reads `WATCHED` and wakes, or the watcher's CAS reads the
+//! released word (`Acquire` on `Release`) and then sees the version
+//! published before it. A watcher joining a non-empty list relies on the
+//! one that set the bit, through the mutex. `kill` sets `DEAD` with an
+//! RMW as well (a plain store could be ordered before a watcher's CAS and
+//! lose the bit) and then wakes every watcher. The loom models
+//! `watcher_never_misses_the_last_commit`,
+//! `the_lead_wakes_the_other_watchers` and
+//! `watch_racing_delete_ends_not_found` check this.
 //!
 //! ## Orderings
 //!
@@ -704,9 +733,12 @@ impl RawLock {
     pub(crate) fn kill(&self) {
         const BATCH: usize = 16;
         let mut queue = self.queue.lock();
-        // Release: a later acquirer that reads DEAD (with Acquire or under
-        // the mutex) sees everything the deleting holder did.
-        self.state.store(LOCKED | DEAD, Ordering::Release);
+        // Release: a later acquirer or watcher that reads DEAD (with
+        // Acquire or under a mutex) sees everything the deleting holder
+        // did. An RMW, not a store: a watcher's CAS setting WATCHED may
+        // land just before it, and must not be overwritten (the loom model
+        // `watch_racing_delete_ends_not_found` caught exactly that).
+        self.state.fetch_or(DEAD, Ordering::Release);
         // The common case (nobody waits) builds no batch.
         while !queue.is_empty() {
             let mut wakes: [Wake; BATCH] = std::array::from_fn(|_| Wake::Nobody);
@@ -724,9 +756,11 @@ impl RawLock {
             }
             queue = self.queue.lock();
         }
+        // Relaxed: no waiter can queue on a dead lock; ordered with the
+        // other QUEUED changes by this mutex.
+        self.state.fetch_and(!QUEUED, Ordering::Relaxed);
         drop(queue);
-        // The store above cleared WATCHED: every watcher must now learn
-        // that the context is gone.
+        // Every watcher must now learn that the context is gone.
         self.wake_all_watchers();
     }
 
@@ -888,6 +922,7 @@ impl RawLock {
         self.wake_watchers(WOKEN);
     }
 
+    /// Completes every linked watcher with `to` and wakes it.
     fn wake_watchers(&self, to: u8) {
         const BATCH: usize = 16;
         let mut list = self.watchers.lock();

@@ -32,6 +32,17 @@ pub(crate) struct MemWatch<T> {
 }
 
 impl<T: Context> MemWatch<T> {
+    /// A watch on `slot`, whose superseded versions retire into
+    /// `collector`.
+    pub(crate) fn new(id: Uuid, slot: Arc<Slot<T>>, collector: Arc<seize::Collector>) -> Self {
+        Self {
+            id,
+            slot,
+            collector,
+            waiter: Box::new(Waiter::new(Since::now(Duration::ZERO))),
+        }
+    }
+
     /// `Ready` with the committed version if it is newer than `after`,
     /// `NotFound` once the context is gone; otherwise parks `cx`'s waker
     /// in the slot's watch list.
@@ -112,12 +123,6 @@ impl InMemoryContextStorage {
             // SAFETY: pinned in the collector the slot's limbo retires into.
             Snapshot::from_shared(unsafe { slot.load() })
         };
-        let watch = MemWatch {
-            id,
-            slot,
-            collector,
-            waiter: Box::new(Waiter::new(Since::now(Duration::ZERO))),
-        };
-        Ok((first, watch))
+        Ok((first, MemWatch::new(id, slot, collector)))
     }
 }
