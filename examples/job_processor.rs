@@ -94,6 +94,8 @@ struct Stats {
     hot_bumps: AtomicU64,
     lock_waits: AtomicU64,
     mismatches: AtomicU64,
+    /// The last bump count each hot counter's watch saw.
+    hot_seen: Vec<AtomicU64>,
 }
 
 /// A cheap deterministic PRNG (splitmix64) so the run needs no rand crate.
@@ -256,47 +258,68 @@ fn worker_thread(run: Arc<Run>, store: Arc<InMemoryContextStorage>, worker: usiz
     }
 }
 
-/// Snapshots hot counters and in-flight jobs until told to stop; returns the
-/// latencies (ns) and the number of in-flight snapshots that found their job.
+/// Follows one hot counter with `watch_context` (no polling): each
+/// `changed()` waits for a newer commit and returns the newest. Checks that
+/// versions only increase and bumps never go down, publishes the value for
+/// the progress line, and returns how many updates it saw.
+async fn watch_hot(run: Arc<Run>, k: usize, stop: Arc<tokio::sync::Notify>) -> u64 {
+    let storage = context_storage();
+    let mut watch = storage
+        .watch_context::<HotCounter>(run.hot[k])
+        .await
+        .expect("watch hot counter");
+    let (mut seen, mut last) = (0u64, (0u64, 0u64));
+    loop {
+        let snap = tokio::select! {
+            _ = stop.notified() => return seen,
+            got = watch.changed() => got.expect("hot counter watch"),
+        };
+        seen += 1;
+        if snap.version() <= last.0 || snap.bumps < last.1 {
+            run.stats.mismatches.fetch_add(1, Ordering::Relaxed);
+        }
+        last = (snap.version(), snap.bumps);
+        run.stats.hot_seen[k].store(snap.bumps, Ordering::Relaxed);
+    }
+}
+
+/// Snapshots in-flight jobs until told to stop, and draws the progress line
+/// with the hottest counter's live value (kept current by `watch_hot`);
+/// returns the snapshot latencies (ns) and the number of in-flight
+/// snapshots that found their job.
 async fn monitor(run: Arc<Run>, stop: Arc<AtomicBool>, bar: ProgressBar) -> (Vec<u64>, u64) {
     let storage = context_storage();
     let mut latencies = Vec::with_capacity(1 << 20);
     let mut found = 0u64;
     let mut i = 0u64;
-    let mut last_hot_version = vec![0u64; run.hot.len()];
     while !stop.load(Ordering::Relaxed) {
         for _ in 0..64 {
             i += 1;
             let t = Instant::now();
-            if i % 2 == 0 {
-                let k = (i / 2) as usize % run.hot.len();
-                let snap = storage
-                    .get_context_snapshot::<HotCounter>(run.hot[k])
-                    .await
-                    .expect("hot snapshot");
-                latencies.push(t.elapsed().as_nanos() as u64);
-                if snap.version() < last_hot_version[k] {
+            let n = run
+                .stats
+                .next_job
+                .load(Ordering::Relaxed)
+                .saturating_sub(1 + i % 256);
+            let res = storage
+                .get_context_snapshot::<JobContext>(job_id(run.base, n))
+                .await;
+            latencies.push(t.elapsed().as_nanos() as u64);
+            if let Ok(snap) = res {
+                found += 1;
+                if snap.steps_done > snap.steps_total || snap.history.len() > HISTORY {
                     run.stats.mismatches.fetch_add(1, Ordering::Relaxed);
-                }
-                last_hot_version[k] = snap.version();
-            } else {
-                let n = run
-                    .stats
-                    .next_job
-                    .load(Ordering::Relaxed)
-                    .saturating_sub(1 + i % 256);
-                let res = storage
-                    .get_context_snapshot::<JobContext>(job_id(run.base, n))
-                    .await;
-                latencies.push(t.elapsed().as_nanos() as u64);
-                if let Ok(snap) = res {
-                    found += 1;
-                    if snap.steps_done > snap.steps_total || snap.history.len() > HISTORY {
-                        run.stats.mismatches.fetch_add(1, Ordering::Relaxed);
-                    }
                 }
             }
         }
+        let hottest = run
+            .stats
+            .hot_seen
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0);
+        bar.set_message(format!("hottest counter {hottest} bumps (watched)"));
         bar.set_position(run.stats.done_jobs.load(Ordering::Relaxed));
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
@@ -326,7 +349,10 @@ fn main() -> ExitCode {
     let run = Arc::new(Run {
         base: Uuid::new_v4().as_u128() & !u128::from(u64::MAX),
         hot: (0..args.hot_keys).map(|_| Uuid::new_v4()).collect(),
-        stats: Stats::default(),
+        stats: Stats {
+            hot_seen: (0..args.hot_keys).map(|_| AtomicU64::new(0)).collect(),
+            ..Stats::default()
+        },
         args,
     });
     for hot in &run.hot {
@@ -346,7 +372,7 @@ fn main() -> ExitCode {
     };
     bar.set_style(
         ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} jobs  {per_sec}  eta {eta}",
+            "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} jobs  {per_sec}  eta {eta}  {msg}",
         )
         .expect("template"),
     );
@@ -358,8 +384,12 @@ fn main() -> ExitCode {
             std::thread::spawn(move || worker_thread(run, store, t))
         })
         .collect();
-    let (latencies, found) = rt.block_on(async {
+    let (latencies, found, hot_updates) = rt.block_on(async {
         let stop = Arc::new(AtomicBool::new(false));
+        let stop_watching = Arc::new(tokio::sync::Notify::new());
+        let watchers: Vec<_> = (0..run.hot.len())
+            .map(|k| tokio::spawn(watch_hot(run.clone(), k, stop_watching.clone())))
+            .collect();
         let monitor = tokio::spawn(monitor(run.clone(), stop.clone(), bar.clone()));
         let workers: Vec<_> = (0..run.args.workers)
             .map(|w| tokio::spawn(worker_task(run.clone(), w)))
@@ -371,7 +401,24 @@ fn main() -> ExitCode {
             t.join().expect("worker thread panicked");
         }
         stop.store(true, Ordering::Relaxed);
-        monitor.await.expect("monitor panicked")
+        // Each watch must have caught up with its counter's last commit
+        // (a watch that missed a wake-up would stall here, not finish).
+        for (k, hot) in run.hot.iter().enumerate() {
+            let last = store
+                .snapshot::<HotCounter>(*hot)
+                .expect("hot counter")
+                .bumps;
+            while run.stats.hot_seen[k].load(Ordering::Relaxed) != last {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        stop_watching.notify_waiters();
+        let mut hot_updates = 0;
+        for w in watchers {
+            hot_updates += w.await.expect("hot watcher panicked");
+        }
+        let (latencies, found) = monitor.await.expect("monitor panicked");
+        (latencies, found, hot_updates)
     });
     let elapsed = start.elapsed();
     bar.finish_and_clear();
@@ -433,6 +480,7 @@ fn main() -> ExitCode {
         "lock_waits": s.lock_waits.load(Ordering::Relaxed),
         "snapshots": sorted.len(),
         "snapshots_in_flight_found": found,
+        "hot_watch_updates": hot_updates,
         "snapshot_p50_ns": percentile(&sorted, 0.50),
         "snapshot_p99_ns": percentile(&sorted, 0.99),
         "snapshot_max_ns": sorted.last().copied().unwrap_or(0),
@@ -464,6 +512,10 @@ fn main() -> ExitCode {
             percentile(&sorted, 0.5),
             percentile(&sorted, 0.99),
             sorted.last().copied().unwrap_or(0)
+        );
+        println!(
+            "  hot watches      {:>12}  updates seen by watch_context (each the newest commit)",
+            hot_updates
         );
         if errors.is_empty() {
             println!("  verification     OK: every job done once, hot counters exact, store empty");
