@@ -5,8 +5,9 @@
 //!   papaya::HashMap<(TypeId, Uuid), Arc<dyn Any>>   lock-free table, seize collector (shared)
 //!     └─ Arc<Slot<T>>
 //!          current: AtomicPtr<Inner<T>>     committed version (readers)
-//!          lock:    AtomicU64               LOCKED | QUEUED | DEAD
+//!          lock:    AtomicU64               LOCKED | QUEUED | DEAD | ORPHAN | WATCHED
 //!                   Mutex<List>             intrusive wait queue, used only under contention
+//!                   Mutex<List>             intrusive watch list, used only while somebody watches
 //!          held:    spare, limbo            lock holder only
 //!   Inner<T>: refs (count | DRAFT) · version · value     one allocation per version
 //! ```
@@ -56,6 +57,15 @@
 //!   waiter; they re-resolve the key (`NotFound`, or the re-created context).
 //!   A re-created context starts at `floor + 1`, so versions are never
 //!   reused for a key.
+//! * **Watch** = a boxed waiter node linked in the slot's watch list while a
+//!   `changed()` waits; the first sets `WATCHED` in the lock word (an
+//!   `AcqRel` CAS), then re-reads `current`. With `WATCHED` set the release
+//!   CAS `LOCKED -> 0` fails and the slow path wakes one watcher (the lead),
+//!   which wakes the rest when it runs. A key nobody watches pays nothing;
+//!   a watched key pays one wake-up per release, whatever the number of
+//!   watchers. Delete (and the store's drop) wake every watcher, which then
+//!   reads `DEAD` and ends with `NotFound`. The watch holds the slot's
+//!   `Arc`, so it outlives a delete.
 //!
 //! ## Deferred reclamation
 //!
