@@ -6,6 +6,9 @@
 //! * `ctxstore`: `update_context(id, |c| c.n += 1)` through
 //!   `Arc<dyn ContextStorage>` (lease lock + read in one script, decode,
 //!   change, encode, commit script).
+//! * `ctxstore_optimistic`: `update_context_optimistic(id, |c| c.n += 1)`
+//!   (no lease: read, decode, change, encode, conditional-write script,
+//!   started over on `Conflict`).
 //! * `watch_multi_exec`: `WATCH key`, `GET key`, serde decode, change,
 //!   encode, `MULTI; SET key; EXEC`, retried until `EXEC` is not aborted.
 //!   `WATCH` is per connection, so every task has its own connection.
@@ -18,8 +21,8 @@
 //!   the keys split among the tasks.
 //!
 //! After each measurement the counters are checked: every increment must be
-//! there (zero lost updates), or the bench panics. The retry count of the
-//! optimistic loop is printed.
+//! there (zero lost updates), or the bench panics. The retry counts of the
+//! two optimistic contenders are printed.
 //!
 //! Needs Redis at `CTXSTORE_REDIS_URL` (default `redis://127.0.0.1:6379`);
 //! uses a fresh namespace `ctxstore-bench-<uuid>` and deletes its keys.
@@ -92,6 +95,52 @@ async fn setup() -> Setup {
     }
 }
 
+/// How a `ctxstore` contender increments.
+#[derive(Clone, Copy)]
+enum Update {
+    /// `update_context`: lease lock, change, commit.
+    Locked,
+    /// `update_context_optimistic`: read, change, conditional write, retry.
+    Optimistic,
+}
+
+impl Update {
+    fn name(self) -> &'static str {
+        match self {
+            Update::Locked => "ctxstore",
+            Update::Optimistic => "ctxstore_optimistic",
+        }
+    }
+
+    /// One increment of `id`; `attempts` counts the runs of the optimistic
+    /// change (one per increment plus one per conflict).
+    async fn increment(self, store: &Arc<dyn ContextStorage>, id: Uuid, attempts: &AtomicU64) {
+        match self {
+            Update::Locked => store
+                .update_context(id, |c: &mut Counter| c.n += 1)
+                .await
+                .unwrap(),
+            Update::Optimistic => store
+                .update_context_optimistic(id, |c: &mut Counter| {
+                    attempts.fetch_add(1, Ordering::Relaxed);
+                    c.n += 1;
+                })
+                .await
+                .unwrap(),
+        }
+    }
+
+    fn report(self, group: &str, increments: u64, attempts: &AtomicU64) {
+        match self {
+            Update::Locked => println!("{group}/ctxstore: {increments} increments, 0 lost"),
+            Update::Optimistic => println!(
+                "{group}/ctxstore_optimistic: {increments} increments, 0 lost, {} conflicts retried",
+                attempts.load(Ordering::Relaxed) - increments
+            ),
+        }
+    }
+}
+
 /// The textbook optimistic increment of a JSON value.
 async fn watch_increment(con: &mut MultiplexedConnection, key: &str, retries: &AtomicU64) {
     loop {
@@ -135,46 +184,48 @@ fn hot_key(c: &mut Criterion, rt: &Runtime, s: &Setup) {
     group.measurement_time(Duration::from_secs(10));
     group.throughput(Throughput::Elements(TASKS as u64 * HOT_PER_TASK));
 
-    let id = Uuid::new_v4();
-    rt.block_on(s.store.store_context(id, counter())).unwrap();
-    let done = Arc::new(AtomicU64::new(0));
-    group.bench_function("ctxstore", |b| {
-        b.to_async(rt).iter_custom(|iters| {
-            let store = s.store.clone();
-            let done = done.clone();
-            async move {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    let tasks: Vec<_> = (0..TASKS)
-                        .map(|_| {
-                            let store = store.clone();
-                            tokio::spawn(async move {
-                                for _ in 0..HOT_PER_TASK {
-                                    store
-                                        .update_context(id, |c: &mut Counter| c.n += 1)
-                                        .await
-                                        .unwrap();
-                                }
+    for how in [Update::Locked, Update::Optimistic] {
+        let id = Uuid::new_v4();
+        rt.block_on(s.store.store_context(id, counter())).unwrap();
+        let done = Arc::new(AtomicU64::new(0));
+        let attempts = Arc::new(AtomicU64::new(0));
+        group.bench_function(how.name(), |b| {
+            b.to_async(rt).iter_custom(|iters| {
+                let store = s.store.clone();
+                let done = done.clone();
+                let attempts = attempts.clone();
+                async move {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        let tasks: Vec<_> = (0..TASKS)
+                            .map(|_| {
+                                let store = store.clone();
+                                let attempts = attempts.clone();
+                                tokio::spawn(async move {
+                                    for _ in 0..HOT_PER_TASK {
+                                        how.increment(&store, id, &attempts).await;
+                                    }
+                                })
                             })
-                        })
-                        .collect();
-                    for t in tasks {
-                        t.await.unwrap();
+                            .collect();
+                        for t in tasks {
+                            t.await.unwrap();
+                        }
+                        done.fetch_add(TASKS as u64 * HOT_PER_TASK, Ordering::Relaxed);
                     }
-                    done.fetch_add(TASKS as u64 * HOT_PER_TASK, Ordering::Relaxed);
+                    start.elapsed()
                 }
-                start.elapsed()
-            }
-        })
-    });
-    let got = rt
-        .block_on(s.store.get_context_snapshot::<Counter>(id))
-        .unwrap()
-        .n;
-    let want = done.load(Ordering::Relaxed);
-    assert_eq!(got, want, "ctxstore lost updates on the hot key");
-    println!("redis_hot_key/ctxstore: {want} increments, 0 lost");
-    rt.block_on(s.store.delete_context::<Counter>(id)).unwrap();
+            })
+        });
+        let got = rt
+            .block_on(s.store.get_context_snapshot::<Counter>(id))
+            .unwrap()
+            .n;
+        let want = done.load(Ordering::Relaxed);
+        assert_eq!(got, want, "{} lost updates on the hot key", how.name());
+        how.report("redis_hot_key", want, &attempts);
+        rt.block_on(s.store.delete_context::<Counter>(id)).unwrap();
+    }
 
     let key = format!("{}:watch:hot", s.ns);
     let mut con = s.conns[0].clone();
@@ -232,6 +283,7 @@ fn spread(c: &mut Criterion, rt: &Runtime, s: &Setup) {
     group.throughput(Throughput::Elements(SPREAD_KEYS as u64));
 
     let ids: Arc<Vec<Uuid>> = Arc::new((0..SPREAD_KEYS).map(|_| Uuid::new_v4()).collect());
+    let mut total_rounds = 0;
     rt.block_on(async {
         for chunk in ids.chunks(500) {
             let futs: Vec<_> = chunk
@@ -243,55 +295,62 @@ fn spread(c: &mut Criterion, rt: &Runtime, s: &Setup) {
             }
         }
     });
-    let rounds = Arc::new(AtomicU64::new(0));
-    group.bench_function("ctxstore", |b| {
-        b.to_async(rt).iter_custom(|iters| {
-            let store = s.store.clone();
-            let ids = ids.clone();
-            let rounds = rounds.clone();
-            async move {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    let tasks: Vec<_> = (0..TASKS)
-                        .map(|t| {
-                            let store = store.clone();
-                            let ids = ids.clone();
-                            tokio::spawn(async move {
-                                for id in ids.iter().skip(t).step_by(TASKS) {
-                                    store
-                                        .update_context(*id, |c: &mut Counter| c.n += 1)
-                                        .await
-                                        .unwrap();
-                                }
+    for how in [Update::Locked, Update::Optimistic] {
+        let rounds = Arc::new(AtomicU64::new(0));
+        let attempts = Arc::new(AtomicU64::new(0));
+        group.bench_function(how.name(), |b| {
+            b.to_async(rt).iter_custom(|iters| {
+                let store = s.store.clone();
+                let ids = ids.clone();
+                let rounds = rounds.clone();
+                let attempts = attempts.clone();
+                async move {
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        let tasks: Vec<_> = (0..TASKS)
+                            .map(|t| {
+                                let store = store.clone();
+                                let ids = ids.clone();
+                                let attempts = attempts.clone();
+                                tokio::spawn(async move {
+                                    for id in ids.iter().skip(t).step_by(TASKS) {
+                                        how.increment(&store, *id, &attempts).await;
+                                    }
+                                })
                             })
-                        })
-                        .collect();
-                    for t in tasks {
-                        t.await.unwrap();
+                            .collect();
+                        for t in tasks {
+                            t.await.unwrap();
+                        }
+                        rounds.fetch_add(1, Ordering::Relaxed);
                     }
-                    rounds.fetch_add(1, Ordering::Relaxed);
+                    start.elapsed()
                 }
-                start.elapsed()
+            })
+        });
+        // Both contenders increment the same keys: each key holds every
+        // round of both so far.
+        let want = total_rounds + rounds.load(Ordering::Relaxed);
+        rt.block_on(async {
+            for id in ids.iter() {
+                let got = s
+                    .store
+                    .get_context_snapshot::<Counter>(*id)
+                    .await
+                    .unwrap()
+                    .n;
+                assert_eq!(got, want, "{} lost updates on key {id}", how.name());
             }
-        })
-    });
-    let want = rounds.load(Ordering::Relaxed);
+        });
+        let rounds = rounds.load(Ordering::Relaxed);
+        total_rounds = want;
+        how.report("redis_spread", rounds * SPREAD_KEYS as u64, &attempts);
+    }
     rt.block_on(async {
         for id in ids.iter() {
-            let got = s
-                .store
-                .get_context_snapshot::<Counter>(*id)
-                .await
-                .unwrap()
-                .n;
-            assert_eq!(got, want, "ctxstore lost updates on key {id}");
             s.store.delete_context::<Counter>(*id).await.unwrap();
         }
     });
-    println!(
-        "redis_spread/ctxstore: {} increments, 0 lost",
-        want * SPREAD_KEYS as u64
-    );
 
     let keys: Arc<Vec<String>> = Arc::new(
         ids.iter()
