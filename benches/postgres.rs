@@ -22,10 +22,11 @@
 //!   it and `ctxstore` is the library's client-side cost.
 //!
 //! After criterion, an interleaved A/B run (order rotating every round,
-//! `CTXSTORE_BENCH_AB_ROUNDS`, default 12) prints median µs per increment
-//! and the ratios, and snapshot latency idle vs held; on a shared machine
-//! that is the fairer comparison. It also prints how many conflicts
-//! `ctxstore_optimistic` retried per increment.
+//! `CTXSTORE_BENCH_AB_ROUNDS`, default 12, 1 when criterion runs as a
+//! test) prints median µs per increment and the ratios, and snapshot
+//! latency idle vs held; on a shared machine that is the fairer
+//! comparison. It also prints how many conflicts `ctxstore_optimistic`
+//! retried per increment.
 //!
 //! All contenders increment the same rows. After the criterion groups and
 //! again after the A/B run the counters are checked: the hot key and the
@@ -439,10 +440,14 @@ fn interleaved(env: &Env) {
     if std::env::var_os("CTXSTORE_BENCH_NO_AB").is_some() {
         return;
     }
+    // Under `cargo test --benches` criterion runs each bench once: one
+    // round is enough for a smoke test.
+    let bench_mode = std::env::args().any(|a| a == "--bench");
     let rounds: usize = std::env::var("CTXSTORE_BENCH_AB_ROUNDS")
         .ok()
         .and_then(|r| r.parse().ok())
-        .unwrap_or(12);
+        .unwrap_or(if bench_mode { 12 } else { 1 })
+        .max(1);
     const OPS: u64 = 400;
     let who = [
         Who::Ctxstore,

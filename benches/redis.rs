@@ -24,6 +24,13 @@
 //! there (zero lost updates), or the bench panics. The retry counts of the
 //! two optimistic contenders are printed.
 //!
+//! After criterion, an interleaved A/B run (the same two workloads, the
+//! contenders' order rotating every round, `CTXSTORE_BENCH_AB_ROUNDS`,
+//! default 8, 1 when criterion runs as a test) prints the median µs per
+//! increment, the ratios and the retries per increment; on a shared machine
+//! that is the fairer comparison. Its counters are checked too. Skipped with
+//! `CTXSTORE_BENCH_NO_AB=1`.
+//!
 //! Needs Redis at `CTXSTORE_REDIS_URL` (default `redis://127.0.0.1:6379`);
 //! uses a fresh namespace `ctxstore-bench-<uuid>` and deletes its keys.
 //!
@@ -421,6 +428,196 @@ fn spread(c: &mut Criterion, rt: &Runtime, s: &Setup) {
     group.finish();
 }
 
+/// A contender of the interleaved run.
+#[derive(Clone, Copy)]
+enum Who {
+    Ctxstore(Update),
+    WatchMultiExec,
+}
+
+impl Who {
+    fn name(self) -> &'static str {
+        match self {
+            Who::Ctxstore(how) => how.name(),
+            Who::WatchMultiExec => "watch_multi_exec",
+        }
+    }
+}
+
+/// The keys of the interleaved run: entry `i` of `ids` (ctxstore) and of
+/// `keys` (`WATCH`) are the same counter for the two kinds of contender.
+struct AbKeys {
+    ids: Arc<Vec<Uuid>>,
+    keys: Arc<Vec<String>>,
+}
+
+impl AbKeys {
+    async fn create(s: &Setup, n: usize, label: &str) -> AbKeys {
+        let ids: Vec<Uuid> = (0..n).map(|_| Uuid::new_v4()).collect();
+        let keys: Vec<String> = ids
+            .iter()
+            .map(|id| format!("{}:ab:{label}:{id}", s.ns))
+            .collect();
+        let mut con = s.conns[0].clone();
+        for chunk in ids.chunks(500) {
+            let futs: Vec<_> = chunk
+                .iter()
+                .map(|id| s.store.store_context(*id, counter()))
+                .collect();
+            for f in futs {
+                f.await.unwrap();
+            }
+        }
+        for key in &keys {
+            watch_set(&mut con, key).await;
+        }
+        AbKeys {
+            ids: Arc::new(ids),
+            keys: Arc::new(keys),
+        }
+    }
+
+    /// Panics unless every ctxstore counter is `ctx` and every `WATCH`
+    /// counter is `watch`; then deletes them all.
+    async fn check_and_delete(&self, s: &Setup, ctx: u64, watch: u64, label: &str) {
+        let mut con = s.conns[0].clone();
+        for (id, key) in self.ids.iter().zip(self.keys.iter()) {
+            let got = s
+                .store
+                .get_context_snapshot::<Counter>(*id)
+                .await
+                .unwrap()
+                .n;
+            assert_eq!(got, ctx, "A/B {label}: ctxstore contenders lost updates");
+            let got = watch_value(&mut con, key).await;
+            assert_eq!(got, watch, "A/B {label}: WATCH/MULTI/EXEC lost updates");
+            s.store.delete_context::<Counter>(*id).await.unwrap();
+            redis::cmd("DEL")
+                .arg(key)
+                .exec_async(&mut con)
+                .await
+                .unwrap();
+        }
+    }
+}
+
+/// One round of `who`: the hot-key workload when `ab` has one key (every
+/// task increments it `HOT_PER_TASK` times), else every key once, the keys
+/// split among the tasks. Returns the wall time and the increments done.
+async fn ab_round(s: &Setup, ab: &AbKeys, who: Who, attempts: &Arc<AtomicU64>) -> (Duration, u64) {
+    let hot = ab.ids.len() == 1;
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|t| {
+            let (store, mut con) = (s.store.clone(), s.conns[t].clone());
+            let (ids, keys) = (ab.ids.clone(), ab.keys.clone());
+            let (attempts, retries) = (attempts.clone(), s.retries.clone());
+            tokio::spawn(async move {
+                let mine: Vec<usize> = if hot {
+                    vec![0; HOT_PER_TASK as usize]
+                } else {
+                    (t..ids.len()).step_by(TASKS).collect()
+                };
+                for i in mine {
+                    match who {
+                        Who::Ctxstore(how) => how.increment(&store, ids[i], &attempts).await,
+                        Who::WatchMultiExec => watch_increment(&mut con, &keys[i], &retries).await,
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let done = if hot {
+        TASKS as u64 * HOT_PER_TASK
+    } else {
+        ab.ids.len() as u64
+    };
+    (start.elapsed(), done)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The contenders again, outside criterion, in interleaved rounds (the
+/// order rotates every round) so that load drifting on a shared machine
+/// hits all of them alike.
+fn interleaved(rt: &Runtime, s: &Setup) {
+    if std::env::var_os("CTXSTORE_BENCH_NO_AB").is_some() {
+        return;
+    }
+    // Under `cargo test --benches` criterion runs each bench once: one
+    // round is enough for a smoke test.
+    let bench_mode = std::env::args().any(|a| a == "--bench");
+    let rounds: usize = std::env::var("CTXSTORE_BENCH_AB_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(if bench_mode { 8 } else { 1 })
+        .max(1);
+    let who = [
+        Who::Ctxstore(Update::Locked),
+        Who::Ctxstore(Update::Optimistic),
+        Who::WatchMultiExec,
+    ];
+    println!(
+        "\ninterleaved A/B: {rounds} rounds, {TASKS} tasks, median us/increment \
+         (hot: {} increments of 1 key per round; spread: {SPREAD_KEYS} keys once each)",
+        TASKS as u64 * HOT_PER_TASK
+    );
+    for (name, n) in [("redis_hot_key", 1), ("redis_spread", SPREAD_KEYS)] {
+        let ab = rt.block_on(AbKeys::create(s, n, name));
+        let attempts = Arc::new(AtomicU64::new(0));
+        let mut times: [Vec<f64>; 3] = Default::default();
+        let (mut ctx_done, mut watch_done, mut optimistic_done, mut watch_retries) = (0, 0, 0, 0);
+        for round in 0..rounds {
+            for k in 0..who.len() {
+                let i = (round + k) % who.len();
+                let retries_before = s.retries.load(Ordering::Relaxed);
+                let (d, done) = rt.block_on(ab_round(s, &ab, who[i], &attempts));
+                times[i].push(d.as_secs_f64() * 1e6 / done as f64);
+                match who[i] {
+                    Who::Ctxstore(how) => {
+                        ctx_done += done;
+                        if matches!(how, Update::Optimistic) {
+                            optimistic_done += done;
+                        }
+                    }
+                    Who::WatchMultiExec => {
+                        watch_done += done;
+                        watch_retries += s.retries.load(Ordering::Relaxed) - retries_before;
+                    }
+                }
+            }
+        }
+        // Per key: the hot key got every increment, a spread key one per
+        // round and contender.
+        let per_key = |done: u64| done / n as u64;
+        rt.block_on(ab.check_and_delete(s, per_key(ctx_done), per_key(watch_done), name));
+        let m: Vec<f64> = times.iter_mut().map(|t| median(t)).collect();
+        let optimistic_retries = attempts.load(Ordering::Relaxed) - optimistic_done;
+        println!(
+            "{name:<13} {} {:>8.1}  {} {:>8.1}  {} {:>8.1}  optimistic/ctxstore {:.3}  \
+             optimistic/watch {:.3}  watch/ctxstore {:.3}  retries per increment: \
+             optimistic {:.2}, watch {:.2}  (0 lost)",
+            who[0].name(),
+            m[0],
+            who[1].name(),
+            m[1],
+            who[2].name(),
+            m[2],
+            m[1] / m[0],
+            m[1] / m[2],
+            m[2] / m[0],
+            optimistic_retries as f64 / optimistic_done as f64,
+            watch_retries as f64 / watch_done as f64,
+        );
+    }
+}
+
 fn benches(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -429,6 +626,7 @@ fn benches(c: &mut Criterion) {
     let s = rt.block_on(setup());
     hot_key(c, &rt, &s);
     spread(c, &rt, &s);
+    interleaved(&rt, &s);
 }
 
 criterion_group!(redis_benches, benches);
