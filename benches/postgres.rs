@@ -6,6 +6,10 @@
 //!
 //! * `ctxstore`: `update_context(id, |c| c.n += 1)` through
 //!   `Arc<dyn ContextStorage>` (lock, decode, change, encode, commit).
+//! * `ctxstore_optimistic`: `update_context_optimistic(id, |c| c.n += 1)`
+//!   (plain read, decode, change, encode, then a conditional
+//!   `UPDATE … WHERE version = <read>`; started over on `Conflict`). No row
+//!   lock is held while the change runs.
 //! * `handwritten`: `client.transaction()`, `SELECT value … FOR UPDATE`,
 //!   serde decode, `UPDATE … SET value, version = version + 1`,
 //!   `commit()` — the plain four-round-trip version.
@@ -18,9 +22,16 @@
 //!   it and `ctxstore` is the library's client-side cost.
 //!
 //! After criterion, an interleaved A/B run (order rotating every round,
-//! `CTXSTORE_BENCH_AB_ROUNDS`, default 12) prints median µs per increment
-//! and the ratios, and snapshot latency idle vs held; on a shared machine
-//! that is the fairer comparison.
+//! `CTXSTORE_BENCH_AB_ROUNDS`, default 12, 1 when criterion runs as a
+//! test) prints median µs per increment and the ratios, and snapshot
+//! latency idle vs held; on a shared machine that is the fairer
+//! comparison. It also prints how many conflicts `ctxstore_optimistic`
+//! retried per increment.
+//!
+//! All contenders increment the same rows. After the criterion groups and
+//! again after the A/B run the counters are checked: the hot key and the
+//! sum over the spread keys must equal the increments done, or the bench
+//! panics (zero lost updates).
 //!
 //! Workloads (one element = one increment; 8 tasks, pool of 16):
 //!
@@ -39,6 +50,7 @@
 
 use std::hint::black_box;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -78,6 +90,10 @@ struct Env {
     table: String,
     hot: Uuid,
     keys: Arc<Vec<Uuid>>,
+    /// Increments done on the hot key and on the spread keys, by all
+    /// contenders (criterion's warm-up included).
+    hot_done: AtomicU64,
+    spread_done: AtomicU64,
 }
 
 impl Env {
@@ -134,13 +150,54 @@ impl Env {
             table,
             hot,
             keys,
+            hot_done: AtomicU64::new(0),
+            spread_done: AtomicU64::new(0),
         }
     }
+
+    /// Panics unless every increment done so far is in the rows.
+    fn check_counts(&self, after: &str) {
+        let (hot, spread) = self.rt.block_on(async {
+            let hot = self
+                .store
+                .get_context_snapshot::<Counter>(self.hot)
+                .await
+                .unwrap()
+                .n;
+            let mut spread = 0;
+            for id in self.keys.iter() {
+                spread += self
+                    .store
+                    .get_context_snapshot::<Counter>(*id)
+                    .await
+                    .unwrap()
+                    .n;
+            }
+            (hot, spread)
+        });
+        let want = (
+            self.hot_done.load(Ordering::Relaxed),
+            self.spread_done.load(Ordering::Relaxed),
+        );
+        assert_eq!(
+            (hot, spread),
+            want,
+            "lost updates (hot key, spread keys) after {after}"
+        );
+        println!(
+            "after {after}: hot key {hot} increments, spread keys {spread} increments, 0 lost"
+        );
+    }
 }
+
+/// Runs of `ctxstore_optimistic`'s change: one per increment plus one per
+/// conflict retried.
+static OPTIMISTIC_ATTEMPTS: AtomicU64 = AtomicU64::new(0);
 
 #[derive(Clone, Copy)]
 enum Who {
     Ctxstore,
+    Optimistic,
     Handwritten,
     Pipelined,
     PipelinedSameSql,
@@ -150,6 +207,7 @@ impl Who {
     fn name(self) -> &'static str {
         match self {
             Who::Ctxstore => "ctxstore",
+            Who::Optimistic => "ctxstore_optimistic",
             Who::Handwritten => "handwritten",
             Who::Pipelined => "handwritten_pipelined",
             Who::PipelinedSameSql => "handwritten_pipelined_same_sql",
@@ -175,6 +233,13 @@ async fn increment(who: Who, store: &Arc<dyn ContextStorage>, pool: &Pool, table
     match who {
         Who::Ctxstore => store
             .update_context(id, |c: &mut Counter| c.n += 1)
+            .await
+            .unwrap(),
+        Who::Optimistic => store
+            .update_context_optimistic(id, |c: &mut Counter| {
+                OPTIMISTIC_ATTEMPTS.fetch_add(1, Ordering::Relaxed);
+                c.n += 1;
+            })
             .await
             .unwrap(),
         Who::Handwritten => {
@@ -265,6 +330,8 @@ fn increments(env: &Env, who: Who, hot: bool, iters: u64) -> Duration {
             t.await.unwrap();
         }
     });
+    let done = if hot { &env.hot_done } else { &env.spread_done };
+    done.fetch_add(per_task * TASKS, Ordering::Relaxed);
     // Scale to exactly `iters` operations.
     start
         .elapsed()
@@ -281,6 +348,7 @@ fn bench(c: &mut Criterion) {
             .measurement_time(Duration::from_secs(6));
         for who in [
             Who::Ctxstore,
+            Who::Optimistic,
             Who::Handwritten,
             Who::Pipelined,
             Who::PipelinedSameSql,
@@ -291,6 +359,7 @@ fn bench(c: &mut Criterion) {
         }
         g.finish();
     }
+    env.check_counts("the criterion groups");
 
     let mut g = c.benchmark_group("pg_snapshot");
     g.sample_size(20)
@@ -339,6 +408,7 @@ fn bench(c: &mut Criterion) {
     guard.rollback();
 
     interleaved(&env);
+    env.check_counts("the interleaved rounds");
 
     env.rt.block_on(async {
         let client = env.pool.get().await.unwrap();
@@ -370,26 +440,34 @@ fn interleaved(env: &Env) {
     if std::env::var_os("CTXSTORE_BENCH_NO_AB").is_some() {
         return;
     }
+    // Under `cargo test --benches` criterion runs each bench once: one
+    // round is enough for a smoke test.
+    let bench_mode = std::env::args().any(|a| a == "--bench");
     let rounds: usize = std::env::var("CTXSTORE_BENCH_AB_ROUNDS")
         .ok()
         .and_then(|r| r.parse().ok())
-        .unwrap_or(12);
+        .unwrap_or(if bench_mode { 12 } else { 1 })
+        .max(1);
     const OPS: u64 = 400;
     let who = [
         Who::Ctxstore,
         Who::Handwritten,
         Who::Pipelined,
         Who::PipelinedSameSql,
+        Who::Optimistic,
     ];
     println!(
         "\ninterleaved A/B: {rounds} rounds x {OPS} increments, {TASKS} tasks, median us/increment"
     );
     for (name, hot) in [("pg_hot_key", true), ("pg_spread", false)] {
-        let mut times: [Vec<f64>; 4] = Default::default();
+        let mut times: [Vec<f64>; 5] = Default::default();
+        let mut attempts = 0;
         for round in 0..rounds {
             for k in 0..who.len() {
                 let i = (round + k) % who.len();
+                let before = OPTIMISTIC_ATTEMPTS.load(Ordering::Relaxed);
                 let d = increments(env, who[i], hot, OPS);
+                attempts += OPTIMISTIC_ATTEMPTS.load(Ordering::Relaxed) - before;
                 times[i].push(d.as_secs_f64() * 1e6 / OPS as f64);
             }
         }
@@ -405,6 +483,17 @@ fn interleaved(env: &Env) {
             m[0] / m[1],
             m[0] / m[2],
             m[0] / m[3]
+        );
+        // Each round did exactly OPS increments (OPS is a multiple of TASKS).
+        const _: () = assert!(OPS % TASKS == 0);
+        let commits = (rounds as u64 * OPS) as f64;
+        println!(
+            "{name:<11} ctxstore_optimistic {:>8.1}  optimistic/ctxstore {:.3}  \
+             optimistic/handwritten {:.3}  conflicts retried per increment {:.2}",
+            m[4],
+            m[4] / m[0],
+            m[4] / m[1],
+            (attempts as f64 - commits) / commits
         );
     }
     let id = env.hot;

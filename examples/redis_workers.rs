@@ -5,9 +5,10 @@
 //! cargo run --release --example redis_workers --features redis -- demo --processes 4 --count 2000
 //! ```
 //!
-//! The `increment` and `hold` subcommands are the worker roles; `demo`
-//! spawns `increment` workers of this same binary. The multi-process and
-//! fault tests (`tests/redis_processes.rs`) drive the roles directly.
+//! The `increment`, `optimistic`, `create-once` and `hold` subcommands are
+//! the worker roles; `demo` spawns `increment` workers of this same binary.
+//! The multi-process and fault tests (`tests/redis_processes.rs`) drive the
+//! roles directly.
 //! Redis is taken from `--url`, else `CTXSTORE_REDIS_URL`, else
 //! `redis://127.0.0.1:6379`.
 
@@ -16,7 +17,8 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
-use ctxstore::{Context, ContextStorageExt, RedisContextStorage, Uuid};
+use ctxstore::{Context, ContextError, ContextStorageExt, RedisContextStorage, Uuid};
+use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// The shared counter. The explicit `kind` keeps its Redis key stable.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -63,6 +65,24 @@ enum Role {
         id: Uuid,
         #[arg(long, default_value_t = 2000)]
         count: u64,
+    },
+    /// Increment the counter `count` times with `update_context_optimistic`
+    /// (no lock: read, change, conditional write, retry on conflict); prints
+    /// `DONE <attempts>`, the number of times the change ran (`count` plus
+    /// the retries).
+    Optimistic {
+        #[arg(long)]
+        id: Uuid,
+        #[arg(long, default_value_t = 2000)]
+        count: u64,
+    },
+    /// Create-once race: prints `READY`, then for each line read on stdin
+    /// (a context id) tries `store_context_if(id, 0, Counter { n: tag })` and
+    /// prints `CREATED <id> <version>` or `CONFLICT <id> <expected> <found>`.
+    /// Exits 0 at the end of stdin.
+    CreateOnce {
+        #[arg(long)]
+        tag: u64,
     },
     /// Lock the counter, print `LOCKED <version>`, keep the guard for
     /// `hold_ms`, then increment and commit: prints `COMMITTED <version>`
@@ -144,6 +164,34 @@ async fn run(cli: Cli) -> ctxstore::Result<ExitCode> {
                 store.update_context(id, |c: &mut Counter| c.n += 1).await?;
             }
             say("DONE");
+            Ok(ExitCode::SUCCESS)
+        }
+        Role::Optimistic { id, count } => {
+            let mut attempts = 0u64;
+            for _ in 0..count {
+                store
+                    .update_context_optimistic(id, |c: &mut Counter| {
+                        attempts += 1;
+                        c.n += 1;
+                    })
+                    .await?;
+            }
+            say(&format!("DONE {attempts}"));
+            Ok(ExitCode::SUCCESS)
+        }
+        Role::CreateOnce { tag } => {
+            say("READY");
+            let mut lines = BufReader::new(tokio::io::stdin()).lines();
+            while let Some(line) = lines.next_line().await.expect("read stdin") {
+                let id: Uuid = line.trim().parse().expect("stdin lines are context ids");
+                match store.store_context_if(id, 0, Counter { n: tag }).await {
+                    Ok(v) => say(&format!("CREATED {id} {v}")),
+                    Err(ContextError::Conflict {
+                        expected, found, ..
+                    }) => say(&format!("CONFLICT {id} {expected} {found}")),
+                    Err(e) => return Err(e),
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Role::Hold { id, hold_ms } => {

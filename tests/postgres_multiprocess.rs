@@ -1,6 +1,7 @@
 //! Several processes share one Postgres counter (feature `postgres`): exact
-//! counts across processes, and a worker SIGKILLed while holding the row
-//! lock does not block the others.
+//! counts across processes (row-locked and optimistic increments), exactly
+//! one winner of a create-once race, and a worker SIGKILLed while holding
+//! the row lock does not block the others.
 //!
 //! The workers are the `pg_workers` example. The test finds it next to its
 //! own binary (`target/<profile>/examples/pg_workers`) after running
@@ -11,9 +12,9 @@
 
 mod postgres_common;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 use ctxstore::{Context, ContextStorageExt, Uuid};
@@ -108,6 +109,176 @@ async fn four_processes_count_exactly() {
     assert_eq!(snap.n, 8000);
     // 8,000 commits, each a fresh version above the last.
     assert!(snap.version() >= v0 + 8000, "{} vs {v0}", snap.version());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_processes_optimistic_increments_count_exactly() {
+    const COUNT: u64 = 1000;
+    let bin = workers_binary();
+    let table = postgres_common::fresh_table();
+    let store = postgres_common::store_on(&table).await;
+    let id = Uuid::new_v4();
+    let v0 = store.store_context(id, Counter { n: 0 }).await.unwrap();
+    let count = COUNT.to_string();
+    let run = async {
+        let children: Vec<Child> = (0..4)
+            .map(|_| worker(&bin, &table, id, &["optimistic", "--count", &count]))
+            .collect();
+        let mut attempts = 0;
+        for child in children {
+            let out = wait_ok(child).await;
+            let n: u64 = out
+                .trim()
+                .strip_prefix(&format!("done {COUNT} attempts "))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("expected `done {COUNT} attempts <n>`, got {out:?}"));
+            // Every increment ran the change at least once.
+            assert!(n >= COUNT, "{n} attempts for {COUNT} increments");
+            attempts += n;
+        }
+        attempts
+    };
+    let attempts = tokio::time::timeout(Duration::from_secs(600), run)
+        .await
+        .expect("hang guard: workers did not finish in 600 s");
+    let snap = store.get_context_snapshot::<Counter>(id).await.unwrap();
+    assert_eq!(snap.n, 4 * COUNT, "optimistic increments were lost");
+    // One commit per increment, each a fresh version above the last.
+    assert!(
+        snap.version() >= v0 + 4 * COUNT,
+        "{} vs {v0}",
+        snap.version()
+    );
+    eprintln!(
+        "4 processes x {COUNT} optimistic increments = {}, {} conflicts retried",
+        snap.n,
+        attempts - 4 * COUNT
+    );
+}
+
+/// A `create-once` worker: ids go in on stdin, outcomes come back on stdout.
+struct Racer {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Racer {
+    fn spawn(bin: &PathBuf, table: &str, tag: u64) -> Racer {
+        let mut child = Command::new(bin)
+            .args(["--url", &postgres_common::url(), "--table", table])
+            .args(["create-once", "--tag", &tag.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn pg_workers create-once");
+        let stdin = child.stdin.take();
+        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        Racer {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    fn send(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin still open");
+        writeln!(stdin, "{line}").expect("write to the worker's stdin");
+        stdin.flush().expect("flush the worker's stdin");
+    }
+
+    fn line(&mut self) -> String {
+        let mut line = String::new();
+        let n = self
+            .stdout
+            .read_line(&mut line)
+            .expect("read the worker's stdout");
+        assert!(
+            n > 0,
+            "the worker exited early: {:?}",
+            self.child.try_wait()
+        );
+        line.trim_end().to_owned()
+    }
+
+    /// Closes stdin and waits for a clean exit.
+    fn finish(mut self) {
+        drop(self.stdin.take());
+        let status = self.child.wait().expect("wait for pg_workers");
+        assert!(status.success(), "worker failed: {status:?}");
+    }
+}
+
+impl Drop for Racer {
+    fn drop(&mut self) {
+        // A failed test must not leave workers behind.
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_processes_create_once_exactly_one_wins() {
+    const PROCESSES: u64 = 4;
+    const ROUNDS: usize = 20;
+    let bin = workers_binary();
+    let table = postgres_common::fresh_table();
+    let store = postgres_common::store_on(&table).await;
+    let racers: Vec<Racer> = (0..PROCESSES)
+        .map(|tag| Racer::spawn(&bin, &table, tag))
+        .collect();
+    // Each round: a fresh id, sent to every worker at once; each worker
+    // answers with the outcome of its `store_context_if(id, 0, ..)`.
+    let race = tokio::task::spawn_blocking(move || {
+        let mut racers = racers;
+        for r in &mut racers {
+            assert_eq!(r.line(), "ready");
+        }
+        let mut rounds = Vec::new();
+        for _ in 0..ROUNDS {
+            let id = Uuid::new_v4();
+            for r in &mut racers {
+                r.send(&id.to_string());
+            }
+            let replies: Vec<String> = racers.iter_mut().map(Racer::line).collect();
+            rounds.push((id, replies));
+        }
+        for r in racers {
+            r.finish();
+        }
+        rounds
+    });
+    let rounds = tokio::time::timeout(Duration::from_secs(300), race)
+        .await
+        .expect("hang guard: the race did not finish in 300 s")
+        .unwrap();
+    let mut wins = [0usize; PROCESSES as usize];
+    for (id, replies) in rounds {
+        let created: Vec<(usize, u64)> = replies
+            .iter()
+            .enumerate()
+            .filter_map(|(tag, r)| {
+                let v = r.strip_prefix(&format!("created {id} "))?;
+                Some((tag, v.parse().expect("a version")))
+            })
+            .collect();
+        let [(winner, version)] = created[..] else {
+            panic!("round {id}: exactly one creation expected, got {replies:?}")
+        };
+        for (tag, r) in replies.iter().enumerate() {
+            if tag != winner {
+                // The losers expected absence (0) and found the winner's write.
+                assert_eq!(r, &format!("conflict {id} 0 {version}"), "worker {tag}");
+            }
+        }
+        let snap = store.get_context_snapshot::<Counter>(id).await.unwrap();
+        assert_eq!((snap.n, snap.version()), (winner as u64, version));
+        wins[winner] += 1;
+    }
+    eprintln!("{ROUNDS} create-once races of {PROCESSES} processes: wins per process {wins:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

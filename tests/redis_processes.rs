@@ -1,5 +1,6 @@
-//! Several OS processes on one Redis-backed context, and the faults a
-//! process can suffer while it holds the lease (SIGKILL, SIGSTOP).
+//! Several OS processes on one Redis-backed context (lease-locked and
+//! optimistic increments, a create-once race), and the faults a process can
+//! suffer while it holds the lease (SIGKILL, SIGSTOP).
 //!
 //! The workers are the `redis_workers` example. Cargo gives integration
 //! tests the path of `[[bin]]` targets only, so the test builds the example
@@ -11,7 +12,7 @@
 //! `CTXSTORE_REDIS_WORKERS` to a prebuilt binary to skip it.
 #![cfg(all(feature = "redis", unix))]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -86,6 +87,7 @@ impl Worker {
             .args(["--lease-ms", &lease_ms.to_string()])
             .args(["--renew-ms", &renew_ms.to_string()])
             .args(role)
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawn redis_workers");
@@ -110,6 +112,32 @@ impl Worker {
             renew_ms,
             &["increment", "--id", &id, "--count", &count],
         )
+    }
+
+    fn optimistic(ns: &str, id: Uuid, count: u64) -> Worker {
+        let (id, count) = (id.to_string(), count.to_string());
+        Worker::spawn(
+            ns,
+            5000,
+            1000,
+            &["optimistic", "--id", &id, "--count", &count],
+        )
+    }
+
+    fn create_once(ns: &str, tag: u64) -> Worker {
+        Worker::spawn(ns, 5000, 1000, &["create-once", "--tag", &tag.to_string()])
+    }
+
+    /// Writes one line to the worker's stdin.
+    fn send(&mut self, line: &str) {
+        let stdin = self.child.stdin.as_mut().expect("stdin still open");
+        writeln!(stdin, "{line}").expect("write to the worker's stdin");
+        stdin.flush().expect("flush the worker's stdin");
+    }
+
+    /// Closes the worker's stdin (the end of its input).
+    fn close_stdin(&mut self) {
+        drop(self.child.stdin.take());
     }
 
     fn hold(ns: &str, lease_ms: u64, renew_ms: u64, id: Uuid, hold_ms: u64) -> Worker {
@@ -139,6 +167,27 @@ impl Worker {
 
     /// Waits for the exit (hang guard: 300 s, then the worker is killed).
     fn wait(mut self) -> ExitStatus {
+        self.wait_mut()
+    }
+
+    /// Waits for the exit, then returns the lines the worker printed that
+    /// were not read yet.
+    fn wait_with_lines(mut self) -> (ExitStatus, Vec<String>) {
+        let status = self.wait_mut();
+        let mut lines = Vec::new();
+        // The reader thread ends at the end of the worker's stdout.
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(120)) {
+                Ok(line) => lines.push(line),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return (status, lines),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    panic!("hang guard: the exited worker's stdout still open after 120 s")
+                }
+            }
+        }
+    }
+
+    fn wait_mut(&mut self) -> ExitStatus {
         let start = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -204,6 +253,116 @@ async fn four_processes_two_thousand_increments_each() {
         8000.0 / elapsed.as_secs_f64()
     );
     store.delete_context::<Counter>(id).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_processes_optimistic_increments_count_exactly() {
+    const COUNT: u64 = 1000;
+    let ns = namespace();
+    let store = store(&ns, 5000, 1000).await;
+    let id = Uuid::new_v4();
+    let v0 = store.store_context(id, Counter { n: 0 }).await.unwrap();
+    let workers: Vec<Worker> = (0..4).map(|_| Worker::optimistic(&ns, id, COUNT)).collect();
+    let started = Instant::now();
+    let results = tokio::task::spawn_blocking(move || {
+        workers
+            .into_iter()
+            .map(Worker::wait_with_lines)
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    let elapsed = started.elapsed();
+    let mut attempts = 0;
+    for (status, lines) in results {
+        assert!(status.success(), "a worker failed: {status}");
+        let [line] = &lines[..] else {
+            panic!("expected one line `DONE <attempts>`, got {lines:?}")
+        };
+        let n: u64 = line
+            .strip_prefix("DONE ")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("expected `DONE <attempts>`, got {line:?}"));
+        // Every increment ran the change at least once.
+        assert!(n >= COUNT, "{n} attempts for {COUNT} increments");
+        attempts += n;
+    }
+    let snap = store.get_context_snapshot::<Counter>(id).await.unwrap();
+    assert_eq!(snap.n, 4 * COUNT, "optimistic increments were lost");
+    assert!(snap.version() > v0, "{} vs {v0}", snap.version());
+    eprintln!(
+        "4 processes x {COUNT} optimistic increments = {} in {elapsed:.2?} ({:.0}/s), \
+         {} conflicts retried",
+        snap.n,
+        (4 * COUNT) as f64 / elapsed.as_secs_f64(),
+        attempts - 4 * COUNT
+    );
+    store.delete_context::<Counter>(id).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_processes_create_once_exactly_one_wins() {
+    const PROCESSES: u64 = 4;
+    const ROUNDS: usize = 20;
+    let ns = namespace();
+    let store = store(&ns, 5000, 1000).await;
+    let mut workers: Vec<Worker> = (0..PROCESSES)
+        .map(|tag| Worker::create_once(&ns, tag))
+        .collect();
+    // Each round: a fresh id, sent to every worker at once; each worker
+    // answers with the outcome of its `store_context_if(id, 0, ..)`.
+    let (rounds, statuses) = tokio::task::spawn_blocking(move || {
+        for w in &workers {
+            assert_eq!(w.line(), "READY");
+        }
+        let mut rounds = Vec::new();
+        for _ in 0..ROUNDS {
+            let id = Uuid::new_v4();
+            for w in &mut workers {
+                w.send(&id.to_string());
+            }
+            let replies: Vec<String> = workers.iter().map(Worker::line).collect();
+            rounds.push((id, replies));
+        }
+        let statuses: Vec<ExitStatus> = workers
+            .into_iter()
+            .map(|mut w| {
+                w.close_stdin();
+                w.wait()
+            })
+            .collect();
+        (rounds, statuses)
+    })
+    .await
+    .unwrap();
+    for s in statuses {
+        assert!(s.success(), "a worker failed: {s}");
+    }
+    let mut wins = [0usize; PROCESSES as usize];
+    for (id, replies) in rounds {
+        let created: Vec<(usize, u64)> = replies
+            .iter()
+            .enumerate()
+            .filter_map(|(tag, r)| {
+                let v = r.strip_prefix(&format!("CREATED {id} "))?;
+                Some((tag, v.parse().expect("a version")))
+            })
+            .collect();
+        let [(winner, version)] = created[..] else {
+            panic!("round {id}: exactly one creation expected, got {replies:?}")
+        };
+        for (tag, r) in replies.iter().enumerate() {
+            if tag != winner {
+                // The losers expected absence (0) and found the winner's write.
+                assert_eq!(r, &format!("CONFLICT {id} 0 {version}"), "worker {tag}");
+            }
+        }
+        let snap = store.get_context_snapshot::<Counter>(id).await.unwrap();
+        assert_eq!((snap.n, snap.version()), (winner as u64, version));
+        store.delete_context::<Counter>(id).await.unwrap();
+        wins[winner] += 1;
+    }
+    eprintln!("{ROUNDS} create-once races of {PROCESSES} processes: wins per process {wins:?}");
 }
 
 const LEASE_MS: u64 = 2000;
