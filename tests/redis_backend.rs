@@ -1456,7 +1456,7 @@ async fn watch_through_an_outage_gives_backend_errors_then_the_newest_version() 
         }
     })
     .await;
-    let (mut w, r) = guard("the waiting watch is told", 30, waiting)
+    let (mut w, r) = guard("the waiting watch is told", 15, waiting)
         .await
         .unwrap();
     let e = r.unwrap_err();
