@@ -66,8 +66,10 @@ use crate::Result;
 /// holder which stops renewing loses (then `commit` fails with
 /// `LeaseLost`, writing nothing); waiters are served in arrival order only
 /// within a process; a cancelled write whose request reached Redis may
-/// have been applied (whole, never partly). See [`crate::docs::redis`] for
-/// all of it, and for the server settings the store needs.
+/// have been applied (whole, never partly). `watch_context` is woken
+/// through pub/sub (writers publish only for watched keys) and re-reads the
+/// context. See [`crate::docs::redis`] for all of it, and for the server
+/// settings the store needs.
 ///
 /// Needs a tokio runtime (it spawns the renewal and release tasks on the
 /// runtime it was connected from). Redis Cluster is not supported.
