@@ -1140,3 +1140,380 @@ async fn issue15_a_holder_is_told_when_its_lease_is_lost() {
     );
     g.rollback();
 }
+
+// ---------------------------------------------------------------------------
+// Issue #12: watching (`watch_context`) on Redis.
+//
+// A watch re-reads at the latest every 20 s even when nothing woke it; the
+// hang guards below that must beat it (15 s) are far longer than a
+// publication takes, and only fail if the publication never came.
+
+/// `changed()` must not return within `ms` (no new version). Waiting that
+/// long proves nothing about speed; returning would break the contract.
+async fn assert_no_new_version(w: &mut ctxstore::ContextWatch<Job>, ms: u64, what: &str) {
+    if let Ok(r) = tokio::time::timeout(Duration::from_millis(ms), w.changed()).await {
+        panic!("{what}: the watch returned {:?}", r.map(|s| s.version()));
+    }
+}
+
+#[tokio::test]
+async fn watch_sees_increasing_versions_up_to_the_last_then_not_found() {
+    let ns = namespace();
+    let store = Arc::new(store_in(&ns).await);
+    let id = Uuid::new_v4();
+    let v0 = store.store_context(id, job(0)).await.unwrap();
+    let mut w = store.watch_context::<Job>(id).await.unwrap();
+    let first = w.changed().await.unwrap();
+    assert_eq!((first.version(), first.done), (v0, 0));
+
+    const WRITES: u64 = 200;
+    let writer = tokio::spawn({
+        let store = store.clone();
+        async move {
+            for _ in 0..WRITES {
+                store
+                    .update_context(id, |j: &mut Job| j.done += 1)
+                    .await
+                    .unwrap();
+            }
+            store
+                .get_context_snapshot::<Job>(id)
+                .await
+                .unwrap()
+                .version()
+        }
+    });
+    let (mut last_version, mut last_done, mut seen) = (v0, 0, 0);
+    guard("watcher reaches the last version", 60, async {
+        while last_done < WRITES {
+            let s = w.changed().await.unwrap();
+            assert!(
+                s.version() > last_version,
+                "{} after {last_version}",
+                s.version()
+            );
+            assert!(s.done > last_done, "done {} after {last_done}", s.done);
+            (last_version, last_done) = (s.version(), s.done);
+            seen += 1;
+        }
+    })
+    .await;
+    let final_version = writer.await.unwrap();
+    assert_eq!(last_version, final_version);
+    assert!((1..=WRITES).contains(&seen));
+    // Nothing newer than the last: no repeat.
+    assert_no_new_version(&mut w, 300, "after the writer stopped").await;
+
+    store.delete_context::<Job>(id).await.unwrap();
+    let e = guard("NotFound after delete", 15, w.changed())
+        .await
+        .unwrap_err();
+    assert!(e.is_not_found(), "{e}");
+    assert_eq!(e.id(), Some(id));
+    assert!(w.changed().await.unwrap_err().is_not_found());
+}
+
+#[tokio::test]
+async fn watch_follows_commits_and_conditional_writes_of_another_process() {
+    let ns = namespace();
+    let a = store_in(&ns).await;
+    let b = store_in(&ns).await;
+    let id = Uuid::new_v4();
+    // Created once by the other process (a create-once conditional write).
+    let v0 = b.store_context_if(id, 0, job(0)).await.unwrap();
+    let mut w = a.watch_context::<Job>(id).await.unwrap();
+    assert_eq!(w.changed().await.unwrap().version(), v0);
+
+    // A guard's commit in the other process.
+    let mut g = b.get_context::<Job>(id).await.unwrap();
+    g.done = 1;
+    let v1 = g.commit().await.unwrap();
+    let s = guard("commit seen", 15, w.changed()).await.unwrap();
+    assert_eq!((s.version(), s.done), (v1, 1));
+    // A plain store.
+    let v2 = b.store_context(id, job(2)).await.unwrap();
+    let s = guard("store seen", 15, w.changed()).await.unwrap();
+    assert_eq!((s.version(), s.done), (v2, 2));
+    // A conditional store.
+    let v3 = b.store_context_if(id, v2, job(3)).await.unwrap();
+    let s = guard("conditional store seen", 15, w.changed())
+        .await
+        .unwrap();
+    assert_eq!((s.version(), s.done), (v3, 3));
+    // An optimistic update (a conditional store underneath).
+    b.update_context_optimistic(id, |j: &mut Job| j.done += 1)
+        .await
+        .unwrap();
+    let s = guard("optimistic update seen", 15, w.changed())
+        .await
+        .unwrap();
+    assert!(s.version() > v3);
+    assert_eq!(s.done, 4);
+    // A conditional delete.
+    b.delete_context_if::<Job>(id, s.version()).await.unwrap();
+    let e = guard("conditional delete seen", 15, w.changed())
+        .await
+        .unwrap_err();
+    assert!(e.is_not_found(), "{e}");
+}
+
+#[tokio::test]
+async fn watch_does_not_follow_a_context_created_again() {
+    let ns = namespace();
+    let a = store_in(&ns).await;
+    let b = store_in(&ns).await;
+
+    // Deleted and created again (plain store) before the watcher looks.
+    let id = Uuid::new_v4();
+    a.store_context(id, job(0)).await.unwrap();
+    let mut w = a.watch_context::<Job>(id).await.unwrap();
+    w.changed().await.unwrap();
+    b.delete_context::<Job>(id).await.unwrap();
+    b.store_context(id, job(7)).await.unwrap();
+    let e = guard("re-created", 15, w.changed()).await.unwrap_err();
+    assert!(e.is_not_found(), "followed a re-created context: {e}");
+    // For good, even as the new context changes.
+    b.update_context(id, |j: &mut Job| j.done += 1)
+        .await
+        .unwrap();
+    assert!(w.changed().await.unwrap_err().is_not_found());
+    // A new watch follows the new context.
+    let mut w2 = a.watch_context::<Job>(id).await.unwrap();
+    assert_eq!(w2.changed().await.unwrap().done, 8);
+
+    // The same with a conditional delete and a create-once.
+    let s = a.get_context_snapshot::<Job>(id).await.unwrap();
+    b.delete_context_if::<Job>(id, s.version()).await.unwrap();
+    b.store_context_if(id, 0, job(9)).await.unwrap();
+    let e = guard("re-created once", 15, w2.changed())
+        .await
+        .unwrap_err();
+    assert!(e.is_not_found(), "followed a re-created context: {e}");
+
+    // Data written before creation stamps (no `born` field): still
+    // watched (best effort), and a re-creation by this version is seen.
+    let id = Uuid::new_v4();
+    a.store_context(id, job(0)).await.unwrap();
+    let key = a.data_key(ContextType::of::<Job>(), id);
+    let mut conn = raw().await;
+    let removed: u64 = redis::cmd("HDEL")
+        .arg(&key)
+        .arg("born")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(removed, 1, "a created context carries its creation stamp");
+    let mut w = a.watch_context::<Job>(id).await.unwrap();
+    w.changed().await.unwrap();
+    b.update_context(id, |j: &mut Job| j.done += 1)
+        .await
+        .unwrap();
+    assert_eq!(guard("old data", 15, w.changed()).await.unwrap().done, 1);
+    b.delete_context::<Job>(id).await.unwrap();
+    b.store_context(id, job(5)).await.unwrap();
+    let e = guard("old data re-created", 15, w.changed())
+        .await
+        .unwrap_err();
+    assert!(e.is_not_found(), "followed a re-created context: {e}");
+}
+
+#[tokio::test]
+async fn rollbacks_refused_writes_and_spurious_wake_ups_return_no_new_version() {
+    let ns = namespace();
+    let a = store_in(&ns).await;
+    let b = Arc::new(store_in(&ns).await);
+    let id = Uuid::new_v4();
+    let v0 = a.store_context(id, job(0)).await.unwrap();
+    let mut w = a.watch_context::<Job>(id).await.unwrap();
+    assert_eq!(w.changed().await.unwrap().version(), v0);
+
+    // A rollback with a waiter queued in a third process: the release is
+    // published (the waiter marked the key), which wakes the watch too.
+    let c = store_in(&ns).await;
+    let mut held = b.get_context::<Job>(id).await.unwrap();
+    held.done = 100;
+    let e = c
+        .get_context_timeout::<Job>(id, Duration::from_millis(200))
+        .await
+        .unwrap_err();
+    assert!(e.is_timeout(), "{e}");
+    held.rollback();
+    assert_no_new_version(&mut w, 500, "after a rollback").await;
+
+    // Refused conditional writes.
+    let e = b.store_context_if(id, v0 + 1000, job(1)).await.unwrap_err();
+    assert!(e.is_conflict(), "{e}");
+    let e = b.delete_context_if::<Job>(id, v0 + 1000).await.unwrap_err();
+    assert!(e.is_conflict(), "{e}");
+    assert_no_new_version(&mut w, 500, "after refused conditional writes").await;
+
+    // A publication for the key with no change behind it.
+    let key = a.data_key(ContextType::of::<Job>(), id);
+    let mut conn = raw().await;
+    let receivers: u64 = redis::cmd("PUBLISH")
+        .arg(format!("{ns}:#wake"))
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(receivers, 3, "three stores subscribe to the wake channel");
+    assert_no_new_version(&mut w, 500, "after a spurious wake-up").await;
+
+    // A real commit is seen, and only it.
+    b.update_context(id, |j: &mut Job| j.done = 1)
+        .await
+        .unwrap();
+    let s = guard("real commit", 15, w.changed()).await.unwrap();
+    assert_eq!(s.done, 1);
+    assert!(s.version() > v0);
+    assert_eq!(w.last_version(), s.version());
+    assert_no_new_version(&mut w, 300, "after the commit").await;
+}
+
+#[tokio::test]
+async fn writes_publish_only_while_someone_watches() {
+    let ns = namespace();
+    let a = store_in(&ns).await;
+    let id = Uuid::new_v4();
+    let key = a.data_key(ContextType::of::<Job>(), id);
+    let client = redis::Client::open(url()).unwrap();
+    let mut sub = client.get_async_pubsub().await.unwrap();
+    sub.subscribe(format!("{ns}:#wake")).await.unwrap();
+    let (mut sink, mut messages) = sub.split();
+    // Nobody watches: store, commit, update and delete publish nothing.
+    a.store_context(id, job(0)).await.unwrap();
+    a.update_context(id, |j: &mut Job| j.done += 1)
+        .await
+        .unwrap();
+    let mut g = a.get_context::<Job>(id).await.unwrap();
+    g.done = 5;
+    g.commit().await.unwrap();
+    a.delete_context::<Job>(id).await.unwrap();
+    a.store_context(id, job(0)).await.unwrap();
+    // Then a watch marks the key: the next write is published.
+    let mut w = a.watch_context::<Job>(id).await.unwrap();
+    w.changed().await.unwrap();
+    a.update_context(id, |j: &mut Job| j.done += 1)
+        .await
+        .unwrap();
+    let next = std::future::poll_fn(|cx| {
+        futures_core::Stream::poll_next(std::pin::Pin::new(&mut messages), cx)
+    });
+    let first = guard("a publication", 15, next).await.unwrap();
+    let payload: String = first.get_payload().unwrap();
+    // The first publication is the watched write's, not an earlier one.
+    assert_eq!(payload, key);
+    let s = guard("watched write", 15, w.changed()).await.unwrap();
+    assert_eq!(s.done, 1);
+    drop(sink.unsubscribe(format!("{ns}:#wake")).await);
+}
+
+#[tokio::test]
+async fn watch_through_an_outage_gives_backend_errors_then_the_newest_version() {
+    let proxy = proxy::Proxy::start(redis_host_port()).await;
+    let ns = namespace();
+    // Long lease and poll: nothing but the watch itself talks to Redis.
+    let cut_off = RedisContextStorage::builder(format!("redis://{}", proxy.addr))
+        .namespace(&ns)
+        .lease(Duration::from_secs(360))
+        .renewal_interval(Duration::from_secs(120))
+        .response_timeout(Some(Duration::from_millis(300)))
+        .connection_timeout(Some(Duration::from_millis(300)))
+        .connect()
+        .await
+        .unwrap();
+    let direct = store_in(&ns).await;
+    let channel = format!("{ns}:#wake");
+    let conn = raw().await;
+    let subscribers = || {
+        let mut conn = conn.clone();
+        let channel = channel.clone();
+        async move {
+            let (_, n): (String, u64) = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg(&channel)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            n
+        }
+    };
+    let id = Uuid::new_v4();
+    let v0 = direct.store_context(id, job(0)).await.unwrap();
+    let mut w = cut_off.watch_context::<Job>(id).await.unwrap();
+    assert_eq!(w.changed().await.unwrap().version(), v0);
+
+    // Cut while a `changed()` is waiting: it is woken and fails.
+    let waiting = tokio::spawn(async move {
+        let r = w.changed().await.map(|s| s.version());
+        (w, r)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.cut();
+    guard("subscription dropped", 60, async {
+        while subscribers().await != 1 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let (mut w, r) = guard("the waiting watch is told", 15, waiting)
+        .await
+        .unwrap();
+    let e = r.unwrap_err();
+    assert!(e.is_backend(), "{e}");
+    assert_eq!(e.id(), Some(id));
+
+    // Another process commits meanwhile.
+    for _ in 0..3 {
+        direct
+            .update_context(id, |j: &mut Job| j.done += 1)
+            .await
+            .unwrap();
+    }
+    let newest = direct.get_context_snapshot::<Job>(id).await.unwrap();
+    assert_eq!(newest.done, 3);
+
+    // While cut: Backend errors naming the key (or a wait), never a version.
+    let until = tokio::time::Instant::now() + Duration::from_millis(1500);
+    while tokio::time::Instant::now() < until {
+        match tokio::time::timeout(Duration::from_millis(300), w.changed()).await {
+            Err(_) => {}
+            Ok(Err(e)) => {
+                assert!(e.is_backend(), "{e}");
+                assert_eq!(e.id(), Some(id));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok(Ok(s)) => panic!("a version while cut off: {}", s.version()),
+        }
+    }
+
+    // Back: the next success is the newest version (none was lost).
+    proxy.restore();
+    let s = guard("the newest version after the outage", 60, async {
+        loop {
+            match w.changed().await {
+                Ok(s) => break s,
+                Err(e) if e.is_backend() => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await;
+    assert_eq!((s.version(), s.done), (newest.version(), 3));
+
+    // And pub/sub works again: a later commit wakes the watch.
+    guard("subscription restored", 60, async {
+        while subscribers().await != 2 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    direct
+        .update_context(id, |j: &mut Job| j.done += 1)
+        .await
+        .unwrap();
+    let s = guard("a commit after the outage", 15, w.changed())
+        .await
+        .unwrap();
+    assert_eq!(s.done, 4);
+}

@@ -284,6 +284,7 @@ impl Lease for RedisLease {
                 data: String::new(),
                 lock: String::new(),
                 waiting: String::new(),
+                watched: String::new(),
             },
         );
         let expected = self.version;
@@ -297,6 +298,7 @@ impl Lease for RedisLease {
                 .key(&keys.data)
                 .key(&keys.lock)
                 .key(&keys.waiting)
+                .key(&keys.watched)
                 .arg(&token)
                 .arg(expected)
                 .arg(bytes)

@@ -20,6 +20,11 @@
 //!   leaked (a `PendingRelease` gives back a lease nobody claimed), renewing
 //!   it while the guard lives, committing and releasing it (the lease
 //!   convention of `crate::remote`: dropping the lease is the release).
+//! * `watch.rs`: `watch_raw`: a watch's wake-up beside the key's lease
+//!   waiters, re-reads on a publication for the key (writers publish when
+//!   the key is marked watched), on a subscription drop or re-subscribe,
+//!   and at a slow fallback interval; the creation stamp tells a
+//!   re-created context from the watched one.
 //! * `reply.rs`: the scripts' `{code, ...}` replies, and the `Codec` error
 //!   for a stored number that is not one.
 //! * `scripts.rs` and `scripts/*.lua`: the Lua scripts; each file says what
@@ -32,6 +37,7 @@ mod lease;
 mod reply;
 mod scripts;
 mod wait;
+mod watch;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,6 +55,7 @@ use wait::WaitRegistry;
 use crate::context::ContextType;
 use crate::error::boxed;
 use crate::storage::{BoxFuture, ContextStorage, ErasedValue, RawGuard, RawSnapshot, Wait};
+use crate::watch::RawWatchStart;
 use crate::Result;
 
 /// A [`ContextStorage`] on Redis: many processes share one store.
@@ -59,8 +66,10 @@ use crate::Result;
 /// holder which stops renewing loses (then `commit` fails with
 /// `LeaseLost`, writing nothing); waiters are served in arrival order only
 /// within a process; a cancelled write whose request reached Redis may
-/// have been applied (whole, never partly). See [`crate::docs::redis`] for
-/// all of it, and for the server settings the store needs.
+/// have been applied (whole, never partly). `watch_context` is woken
+/// through pub/sub (writers publish only for watched keys) and re-reads the
+/// context. See [`crate::docs::redis`] for all of it, and for the server
+/// settings the store needs.
 ///
 /// Needs a tokio runtime (it spawns the renewal and release tasks on the
 /// runtime it was connected from). Redis Cluster is not supported.
@@ -96,6 +105,8 @@ struct Keys {
     data: String,
     lock: String,
     waiting: String,
+    /// Exists while some watcher wants the key's changes published.
+    watched: String,
 }
 
 enum Step<R> {
@@ -128,6 +139,7 @@ impl RedisContextStorage {
         Keys {
             lock: format!("{data}:lock"),
             waiting: format!("{data}:waiting"),
+            watched: format!("{data}:watched"),
             data,
         }
     }
@@ -165,6 +177,7 @@ impl RedisContextStorage {
                 let keys = &keys;
                 let bytes = &bytes;
                 let floor = &self.inner.floor_key;
+                let channel = &self.inner.channel;
                 async move {
                     let script = match expected {
                         None => &*STORE,
@@ -175,12 +188,14 @@ impl RedisContextStorage {
                         .key(&keys.lock)
                         .key(&keys.waiting)
                         .key(floor)
+                        .key(&keys.watched)
                         .arg(bytes.as_slice())
                         .arg(ty.kind())
                         .arg(mark_ms);
                     if let Some(expected) = expected {
                         call.arg(expected.to_string());
                     }
+                    call.arg(channel).arg(&keys.data);
                     let v: Value = call
                         .invoke_async(&mut conn)
                         .await
@@ -279,14 +294,18 @@ impl ContextStorage for RedisContextStorage {
                 let mut conn = self.inner.conn.clone();
                 let keys = &keys;
                 let floor = &self.inner.floor_key;
+                let channel = &self.inner.channel;
                 async move {
                     let v: Value = DELETE
                         .key(&keys.data)
                         .key(&keys.lock)
                         .key(&keys.waiting)
                         .key(floor)
+                        .key(&keys.watched)
                         .arg(ty.kind())
                         .arg(mark_ms)
+                        .arg(channel)
+                        .arg(&keys.data)
                         .invoke_async(&mut conn)
                         .await
                         .map_err(|e| ty.backend_error(Some(id), boxed(e)))?;
@@ -328,15 +347,19 @@ impl ContextStorage for RedisContextStorage {
                 let mut conn = self.inner.conn.clone();
                 let keys = &keys;
                 let floor = &self.inner.floor_key;
+                let channel = &self.inner.channel;
                 async move {
                     let v: Value = DELETE_IF
                         .key(&keys.data)
                         .key(&keys.lock)
                         .key(&keys.waiting)
                         .key(floor)
+                        .key(&keys.watched)
                         .arg(ty.kind())
                         .arg(mark_ms)
                         .arg(expected.to_string())
+                        .arg(channel)
+                        .arg(&keys.data)
                         .invoke_async(&mut conn)
                         .await
                         .map_err(|e| ty.backend_error(Some(id), boxed(e)))?;
@@ -403,6 +426,14 @@ impl ContextStorage for RedisContextStorage {
             ids.dedup();
             Ok(ids)
         })
+    }
+
+    fn watch_raw(
+        &self,
+        ty: &'static ContextType,
+        id: Uuid,
+    ) -> BoxFuture<'_, Result<RawWatchStart>> {
+        Box::pin(self.watch(ty, id))
     }
 
     fn backend_name(&self) -> &'static str {

@@ -48,6 +48,11 @@ pub(super) static COMMIT: LazyLock<Script> =
 pub(super) static RELEASE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/release.lua")));
 
+/// A watch's read: marks the key watched, reads value, version and
+/// creation stamp.
+pub(super) static WATCH: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/watch.lua")));
+
 /// Extends a lease that is still ours (never re-creates one).
 pub(super) static RENEW: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/renew.lua")));
@@ -77,6 +82,7 @@ mod tests {
             ("commit", &COMMIT),
             ("release", &RELEASE),
             ("renew", &RENEW),
+            ("watch", &WATCH),
         ] {
             let sha: String = script
                 .prepare_invoke()

@@ -5,9 +5,9 @@ use std::pin::pin;
 use std::time::Duration;
 
 use redis::{PushInfo, PushKind, Value};
-use tokio::sync::Notify;
 use uuid::Uuid;
 
+use super::watch::KeyWake;
 use super::{RedisContextStorage, Step};
 use crate::context::ContextType;
 use crate::remote::{Gate, Gates};
@@ -15,27 +15,33 @@ use crate::storage::Wait;
 use crate::Result;
 
 /// The store's per-key gates (the shared FIFO gate of `crate::remote`),
-/// keyed by data key, each with the key's wake-up beside it: notified when
-/// the key's lease is released (pub/sub) or the subscription connection
-/// dropped (a release may have been missed).
-pub(super) type WaitRegistry = Gates<String, Notify>;
+/// keyed by data key, each with the key's wake-ups beside it (its lease
+/// waiters and its watchers): woken when something was published for the
+/// key (a release, or a change a watcher asked for), or when the
+/// subscription dropped or came back (a publication may have been missed).
+pub(super) type WaitRegistry = Gates<String, KeyWake>;
 
 /// A passed gate of this store, held by a lease until Redis released it.
-pub(super) type KeyGate = Gate<String, Notify>;
+pub(super) type KeyGate = Gate<String, KeyWake>;
 
-/// Wakes the waiters a push message concerns: those of the key a release
-/// was published for, or every waiter when the subscription dropped.
+/// Wakes those a push message concerns: the waiters and watchers of the
+/// key a publication names, or all of them when the subscription dropped
+/// or was (re-)established, since publications may have been missed
+/// meanwhile.
 pub(super) fn on_push(waits: &WaitRegistry, info: PushInfo) {
     match info.kind {
         PushKind::Message => {
             // data = [channel, payload]
             if let Some(Value::BulkString(key)) = info.data.get(1) {
                 if let Ok(key) = std::str::from_utf8(key) {
-                    waits.with_state(key, Notify::notify_waiters);
+                    waits.with_state(key, KeyWake::wake);
                 }
             }
         }
-        PushKind::Disconnection => waits.for_each_state(Notify::notify_waiters),
+        // `Subscribe` confirms a (re-)subscription: after a reconnect the
+        // driver re-subscribes, and anything published between the drop
+        // and now was lost.
+        PushKind::Disconnection | PushKind::Subscribe => waits.for_each_state(KeyWake::wake),
         _ => {}
     }
 }
@@ -61,7 +67,7 @@ impl RedisContextStorage {
         loop {
             // Listen before trying, so a release between our attempt and
             // our wait is not missed.
-            let mut notified = pin!(entry.state().notified());
+            let mut notified = pin!(entry.state().notify.notified());
             notified.as_mut().enable();
             let pttl = match attempt(wait != Wait::Never).await? {
                 Step::Done(r) => return Ok((r, gate)),

@@ -1,6 +1,10 @@
 -- store_context: writes the value and bumps the version, unless a lease is
 -- held.
--- KEYS: data, lock, waiting, floor. ARGV: value, kind, waiting-mark ms.
+-- KEYS: data, lock, waiting, floor, watched. ARGV: value, kind,
+-- waiting-mark ms, wake channel, data key.
+-- A context created here gets its creation stamp (field born: its first
+-- version). Publishes the data key on the wake channel if a watcher marked
+-- the key (watched).
 -- Returns {1, new version}, {0, pttl} if held, {-3, 'floor', found} if the
 -- kind's floor is not a number (nothing written).
 --
@@ -13,6 +17,7 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
   return {0, redis.call('PTTL', KEYS[2])}
 end
 local v = redis.call('HGET', KEYS[1], 'version')
+local created = not v
 if (not v) or (not num(v)) then
   local f = redis.call('HGET', KEYS[4], ARGV[2])
   local base = 0
@@ -29,4 +34,7 @@ if (not v) or (not num(v)) then
 end
 redis.call('HSET', KEYS[1], 'value', ARGV[1])
 redis.call('HINCRBY', KEYS[1], 'version', 1)
-return {1, redis.call('HGET', KEYS[1], 'version')}
+local nv = redis.call('HGET', KEYS[1], 'version')
+if created then redis.call('HSET', KEYS[1], 'born', nv) end
+if redis.call('EXISTS', KEYS[5]) == 1 then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
+return {1, nv}

@@ -1,8 +1,11 @@
 -- store_context_if: writes the value and bumps the version only if the
 -- committed version is the expected one (0: only if absent), unless a lease
 -- is held.
--- KEYS: data, lock, waiting, floor. ARGV: value, kind, waiting-mark ms,
--- expected version (decimal).
+-- KEYS: data, lock, waiting, floor, watched. ARGV: value, kind,
+-- waiting-mark ms, expected version (decimal), wake channel, data key.
+-- A context created here gets its creation stamp (field born: its first
+-- version). A write publishes the data key on the wake channel if a
+-- watcher marked the key (watched); a refusal publishes nothing.
 -- Returns {1, new version}, {0, pttl} if held, {-1} if absent (expected not
 -- 0), {2, found} if the committed version differs (nothing written),
 -- {-3, 'version' | 'floor', found} if a number is corrupt (nothing
@@ -25,7 +28,10 @@ if not v then
   end
   redis.call('HSET', KEYS[1], 'value', ARGV[1], 'version', string.format('%.0f', base))
   redis.call('HINCRBY', KEYS[1], 'version', 1)
-  return {1, redis.call('HGET', KEYS[1], 'version')}
+  local nv = redis.call('HGET', KEYS[1], 'version')
+  redis.call('HSET', KEYS[1], 'born', nv)
+  if redis.call('EXISTS', KEYS[5]) == 1 then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
+  return {1, nv}
 end
 if not num(v) then return {-3, 'version', v} end
 -- Compared as canonical decimal text: exact for every version.
@@ -33,4 +39,5 @@ local canon = string.gsub(v, '^0+(%d)', '%1')
 if canon ~= ARGV[4] then return {2, v} end
 redis.call('HSET', KEYS[1], 'value', ARGV[1])
 redis.call('HINCRBY', KEYS[1], 'version', 1)
+if redis.call('EXISTS', KEYS[5]) == 1 then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
 return {1, redis.call('HGET', KEYS[1], 'version')}
