@@ -95,7 +95,12 @@ M = {
  # I: the release that empties the queue forgets to clear QUEUED (both
  # branches of `unlock_slow`).
  # EQUIVALENT for the same reason as F (a cost, not a bug).
- "I_unlock_slow_keeps_queued": (PARK, [
+ "I_unlock_slow_keeps_queued": [
+  (PARK, [
+   ("let clear = if last { QUEUED } else { 0 };", "let clear = 0;"),
+   ("let clear = if last { LOCKED | QUEUED } else { LOCKED };",
+    "let clear = LOCKED;")]),
+  (PARK, [
    ("""                if due {
                     if last {
                         // Relaxed: QUEUED is only read by CASes that are
@@ -107,6 +112,7 @@ M = {
                 if due {"""),
    ("let clear = if last { LOCKED | QUEUED } else { LOCKED };",
     "let clear = LOCKED;")]),
+ ],
  # J: try_lock's CAS Relaxed instead of Acquire
  "J_try_lock_relaxed": (PARK, [(
    ".compare_exchange(s, s | LOCKED, Ordering::Acquire, Ordering::Relaxed)",
@@ -127,7 +133,9 @@ M = {
             }""", """            drop(wakes);""")]),
    (PARK, [("""            for wake in wakes {
                 wake.wake();
-            }""", """            drop(wakes);""")]),
+            }
+            queue = self.queue.lock();""", """            drop(wakes);
+            queue = self.queue.lock();""")]),
  ],
  # M: cancel treats any completed waiter (KILLED too) as granted
  "M_cancel_killed_as_granted": (PARK, [(
@@ -243,6 +251,59 @@ M = {
  "Z_register_without_mutex": (PARK, [(
    """        let _queue = self.queue.lock();
 """, "")]),
+ # The watchers (park.rs, "Watchers"; memory/watch.rs).
+ # AA: kill sets DEAD with a plain store (the bug the loom model
+ # watch_racing_delete_ends_not_found found): ordered before a watcher's
+ # CAS that set WATCHED, the store is lost for it, and it waits forever
+ "AA_kill_dead_by_plain_store": (PARK, [(
+   "self.state.fetch_or(DEAD, Ordering::Release);\n        // The common case",
+   "self.state.store(LOCKED | DEAD, Ordering::Release);\n        // The common case")]),
+ # AB: a release that frees the lock ignores WATCHED (wakes no watcher)
+ "AB_release_ignores_watched": (PARK, [(
+   """                Ok(_) => {
+                    if s & WATCHED != 0 {""",
+   """                Ok(_) => {
+                    if false {""")]),
+ # AC: the lead does not wake the other watchers
+ "AC_lead_does_not_relay": (PARK, [(
+   """    pub(crate) fn relay(&self) {
+        self.wake_watchers(WOKEN);""",
+   """    pub(crate) fn relay(&self) {""")]),
+ # AD: the watcher's CAS setting WATCHED is Relaxed (no Acquire on the
+ # release it reads: the re-read may miss the published version).
+ # EQUIVALENT in the engine as written: the re-read (`MemWatch::check`)
+ # starts with `is_dead()`, an Acquire load of the same word, which reads
+ # the watcher's own CAS, an RMW in the release sequence of the release it
+ # read, and so synchronizes with that release anyway. The CAS keeps its
+ # Acquire so that the argument does not hang on that load.
+ "AD_watch_cas_relaxed": (PARK, [(
+   """                    s | WATCHED,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,""",
+   """                    s | WATCHED,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,""")]),
+ # AE: the hand-off release reads the word with a plain load instead of an
+ # RMW (a watcher's CAS can be ordered after it in the modification order
+ # without reading from it).
+ # A DELAY, NOT A LOSS (passes every model): the watcher is then woken by
+ # the grantee's own release, an RMW, which always follows; loom checks
+ # that every wait ends, not how soon. Kept as an RMW so that a watcher is
+ # not left behind a guard held across `.await`.
+ "AE_handoff_release_loads_word": (PARK, [(
+   """                    let clear = if last { QUEUED } else { 0 };
+                    let before = self.state.fetch_and(!clear, Ordering::Release);""",
+   """                    if last {
+                        self.state.fetch_and(!QUEUED, Ordering::Relaxed);
+                    }
+                    let before = self.state.load(Ordering::Relaxed);""")]),
+ # AF: a cancelled wait of a watcher made the lead does not pass the
+ # wake-up on
+ "AF_cancelled_lead_keeps_wakeup": (PARK, [(
+   """            LEAD => self.relay(),
+            WAITING => {""",
+   """            LEAD => {}
+            WAITING => {""")]),
 }
 
 if sys.argv[1] == "list":
