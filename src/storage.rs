@@ -196,8 +196,9 @@ pub trait ContextStorage: Send + Sync + 'static {
     fn ids_raw(&self, ty: &'static ContextType) -> BoxFuture<'_, Result<Vec<Uuid>>>;
 
     /// Starts watching the context: returns its committed version now and
-    /// a [`RawWatch`] that reports newer ones (see [`RawWatch`] for what
-    /// must hold). `NotFound` for an unknown id.
+    /// a [`RawWatch`](crate::RawWatch) that reports newer ones (see
+    /// [`RawWatch`](crate::RawWatch) for what must hold). `NotFound` for an
+    /// unknown id.
     ///
     /// Register for change notifications *before* reading the first
     /// version, so that a commit between the two is not missed.
