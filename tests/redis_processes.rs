@@ -300,6 +300,50 @@ async fn four_processes_optimistic_increments_count_exactly() {
     store.delete_context::<Counter>(id).await.unwrap();
 }
 
+/// A watch in this process follows the commits of two other processes
+/// (issue #12): versions only increase, and it reaches the final count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_follows_other_processes_commits() {
+    const COUNT: u64 = 300;
+    let ns = namespace();
+    let store = store(&ns, 5000, 1000).await;
+    let id = Uuid::new_v4();
+    store.store_context(id, Counter { n: 0 }).await.unwrap();
+    let mut watch = store.watch_context::<Counter>(id).await.unwrap();
+    assert_eq!(watch.changed().await.unwrap().n, 0);
+    let workers: Vec<Worker> = (0..2).map(|_| Worker::optimistic(&ns, id, COUNT)).collect();
+    let waiting = tokio::task::spawn_blocking(move || {
+        workers
+            .into_iter()
+            .map(Worker::wait_with_lines)
+            .collect::<Vec<_>>()
+    });
+    let (mut last, mut updates) = (0u64, 0u64);
+    loop {
+        let snap = tokio::select! {
+            biased;
+            _ = tokio::time::sleep(Duration::from_secs(60)) => panic!("the watch was not woken within 60 s (at n = {last})"),
+            got = watch.changed() => got.unwrap(),
+        };
+        assert!(snap.n > last, "the watch went from {last} to {}", snap.n);
+        last = snap.n;
+        updates += 1;
+        if last == 2 * COUNT {
+            break;
+        }
+    }
+    for (status, _) in waiting.await.unwrap() {
+        assert!(status.success(), "a worker failed: {status}");
+    }
+    eprintln!(
+        "the watch saw {updates} of {} commits, the last one included",
+        2 * COUNT
+    );
+    store.delete_context::<Counter>(id).await.unwrap();
+    let e = watch.changed().await.unwrap_err();
+    assert!(e.is_not_found(), "{e}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_processes_create_once_exactly_one_wins() {
     const PROCESSES: u64 = 4;
