@@ -220,6 +220,48 @@ impl Drop for Racer {
     }
 }
 
+/// A watch in this process follows the commits of two worker processes
+/// (issue #12): versions only increase, and it reaches the final count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_follows_other_processes_commits() {
+    const COUNT: u64 = 200;
+    let bin = workers_binary();
+    let table = postgres_common::fresh_table();
+    let store = postgres_common::store_on(&table).await;
+    let id = Uuid::new_v4();
+    store.store_context(id, Counter { n: 0 }).await.unwrap();
+    let mut watch = store.watch_context::<Counter>(id).await.unwrap();
+    assert_eq!(watch.changed().await.unwrap().n, 0);
+    let count = COUNT.to_string();
+    let children: Vec<Child> = (0..2)
+        .map(|_| worker(&bin, &table, id, &["optimistic", "--count", &count]))
+        .collect();
+    let waiting = tokio::spawn(async move {
+        for child in children {
+            wait_ok(child).await;
+        }
+    });
+    let (mut last, mut updates) = (0u64, 0u64);
+    while last < 2 * COUNT {
+        let snap = tokio::select! {
+            biased;
+            _ = tokio::time::sleep(Duration::from_secs(120)) => panic!("the watch was not woken within 120 s (at n = {last})"),
+            got = watch.changed() => got.unwrap(),
+        };
+        assert!(snap.n > last, "the watch went from {last} to {}", snap.n);
+        last = snap.n;
+        updates += 1;
+    }
+    waiting.await.unwrap();
+    eprintln!(
+        "the watch saw {updates} of {} commits, the last one included",
+        2 * COUNT
+    );
+    store.delete_context::<Counter>(id).await.unwrap();
+    let e = watch.changed().await.unwrap_err();
+    assert!(e.is_not_found(), "{e}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_processes_create_once_exactly_one_wins() {
     const PROCESSES: u64 = 4;
