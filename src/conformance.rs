@@ -1,7 +1,8 @@
 //! The backend conformance kit (feature `conformance`): the suite every
 //! backend of this crate passes, for your own [`ContextStorage`].
 //!
-//! It checks the rules a backend must follow: typed keys, exclusive locks
+//! It checks the rules written down in
+//! [`docs::backend`](crate::docs::backend): typed keys, exclusive locks
 //! with every [`Wait`](crate::Wait), all-or-nothing commits, snapshots that
 //! never wait for a holder, versions that only increase (also across
 //! delete and re-create), conditional writes, watching, cancellation, and
