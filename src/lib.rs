@@ -93,6 +93,8 @@
 #![deny(missing_docs, unsafe_op_in_unsafe_fn)]
 #![warn(rust_2018_idioms)]
 
+#[cfg(feature = "conformance")]
+pub mod conformance;
 mod context;
 pub mod docs;
 mod error;

@@ -58,7 +58,9 @@ impl RawSnapshot {
     }
 }
 
-/// What a backend's `lock_raw` hands back.
+/// What a backend's `lock_raw` hands back. A backend outside this crate
+/// returns [`Remote`](Self::Remote); see
+/// [`docs::backend`](crate::docs::backend#rawguard-and-lease).
 pub enum RawGuard {
     /// An in-process guard, already typed: a boxed `ContextGuard<T>`.
     Local(Box<dyn Any + Send>),
@@ -94,8 +96,15 @@ pub enum RawGuard {
 ///   unreachable), the server-side lock must still end on its own (a lease
 ///   expiry, a connection close).
 ///
+/// # Committing
+///
+/// [`commit`](Self::commit) is fenced by the lock: it writes only if the
+/// lock is still this lease's, checked in the same atomic step as the
+/// write; otherwise it is `LeaseLost` and writes nothing.
+///
 /// This crate's Redis and PostgreSQL backends follow these rules (see
-/// `src/remote/mod.rs` for how).
+/// `src/remote/mod.rs` for how); the whole contract is in
+/// [`docs::backend`](crate::docs::backend#rawguard-and-lease).
 pub trait Lease: Send + 'static {
     /// Publishes `value` (a `&T` of the guard's type) as the next version if
     /// the lock is still ours, then releases it. Returns the new version.
@@ -124,9 +133,27 @@ pub trait Lease: Send + 'static {
 /// methods of [`ContextStorageExt`], which every `ContextStorage` (sized or
 /// not) has. Each method takes the type's [`ContextType`] descriptor, whose
 /// `encode`/`decode` let a remote backend serialize without generics.
+///
+/// # Writing a backend
+///
+/// Implementing this trait is a supported path. The rules each method
+/// must follow (and must never break), what [`RawGuard`] and [`Lease`]
+/// promise, how to use [`ContextType`]'s codecs and error constructors,
+/// the rules for versions, and which guarantees a backend may weaken (and
+/// must then document) are in
+/// [`docs::backend`](crate::docs::backend). The template is
+/// `examples/custom_backend.rs`; the conformance kit (cargo feature
+/// `conformance`: `ctxstore::conformance_tests!(make)`) checks a backend
+/// against the contract.
 pub trait ContextStorage: Send + Sync + 'static {
     /// Stores `value` (a `Box<T>`), waiting for a holder of the key if there
     /// is one; returns the new version.
+    ///
+    /// What must hold: `value` is encoded (`ty.encode`) before anything is
+    /// written, and a value that does not encode writes nothing; the write
+    /// never lands while a guard holds the key; it creates an absent
+    /// context; the version it returns is above every version the key ever
+    /// had (see [versions](crate::docs::backend#versions)).
     fn store_raw(
         &self,
         ty: &'static ContextType,
@@ -135,6 +162,16 @@ pub trait ContextStorage: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<u64>>;
 
     /// Acquires the key's lock, waiting as `wait` allows.
+    ///
+    /// What must hold: `NotFound` for an absent key; on a held key,
+    /// [`Wait::Forever`] waits (parked, not spinning) until the lock is
+    /// released or the context deleted (then it re-resolves the key),
+    /// [`Wait::Never`] fails at once with `WouldBlock`, and
+    /// [`Wait::Until`] fails with `Timeout` carrying the asked duration
+    /// once the deadline passes (a deadline already passed still takes a
+    /// free lock). A remote backend returns [`RawGuard::Remote`] with the
+    /// value and version as committed and a [`Lease`]. Never two holders;
+    /// never a lock left behind by an error or a cancelled call.
     fn lock_raw(
         &self,
         ty: &'static ContextType,
@@ -143,6 +180,10 @@ pub trait ContextStorage: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<RawGuard>>;
 
     /// Reads the committed value without waiting for a holder.
+    ///
+    /// What must hold: `NotFound` for an absent key; only committed values
+    /// (never a holder's draft, never half a write), with their version;
+    /// it never waits for the lock holder.
     fn snapshot_raw(
         &self,
         ty: &'static ContextType,
@@ -150,6 +191,11 @@ pub trait ContextStorage: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<RawSnapshot>>;
 
     /// Deletes the context, waiting for a holder first.
+    ///
+    /// What must hold: `NotFound` for an absent key; afterwards reads are
+    /// `NotFound`, [`ids_raw`](Self::ids_raw) no longer lists it, waiters
+    /// on the key re-resolve it, watches of it end, and a later create gets
+    /// a higher version.
     fn delete_raw(&self, ty: &'static ContextType, id: Uuid) -> BoxFuture<'_, Result<()>>;
 
     /// Stores `value` (a `Box<T>`) as the next version only if the committed
@@ -189,10 +235,12 @@ pub trait ContextStorage: Send + Sync + 'static {
         expected: u64,
     ) -> BoxFuture<'_, Result<()>>;
 
-    /// Whether a context of this type is stored under `id`.
+    /// Whether a context of this type is stored under `id`. Does not wait
+    /// for a holder.
     fn contains_raw(&self, ty: &'static ContextType, id: Uuid) -> BoxFuture<'_, Result<bool>>;
 
-    /// The ids of every context of this type.
+    /// The ids of every context of this type (and no other type), each
+    /// once, in any order. Does not wait for a holder.
     fn ids_raw(&self, ty: &'static ContextType) -> BoxFuture<'_, Result<Vec<Uuid>>>;
 
     /// Starts watching the context: returns its committed version now and
@@ -219,11 +267,13 @@ pub trait ContextStorage: Send + Sync + 'static {
         })
     }
 
-    /// A short name of the backend, for logs (`"memory"`, `"redis"`...).
+    /// A short, constant name of the backend, for logs and messages
+    /// (`"memory"`, `"redis"`...).
     fn backend_name(&self) -> &'static str;
 
     /// The in-memory engine behind this storage, if it is one. The typed
-    /// methods use it to skip type erasure and boxing entirely.
+    /// methods use it to skip type erasure and boxing entirely. A backend
+    /// (or a decorator around the engine) keeps the default, `None`.
     #[doc(hidden)]
     fn as_in_memory(&self) -> Option<&InMemoryContextStorage> {
         None

@@ -35,6 +35,12 @@ use crate::Result;
 /// * It must never delay writers: no lock of the key is held while
 ///   watching.
 /// * Dropping it stops the watch and frees what it registered.
+///
+/// Rollbacks and refused conditional writes commit nothing and must not
+/// show up as new versions. See
+/// [`docs::backend`](crate::docs::backend#watching-watch_raw-and-rawwatch)
+/// for the whole backend contract, and `examples/custom_backend.rs` for a
+/// watch built on a `tokio::sync::watch` channel per context.
 pub trait RawWatch: Send + 'static {
     /// Polls for a committed version newer than `after` (see the trait
     /// docs). The returned snapshot is of the watched type.

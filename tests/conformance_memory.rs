@@ -2,8 +2,9 @@
 //! (`Arc<dyn ContextStorage>`, whose typed methods take the engine's fast
 //! path through `as_in_memory`), and behind a pass-through decorator that
 //! hides the engine, so every call goes through the erased (`*_raw`)
-//! methods, as it does behind any wrapper a user writes.
-mod conformance;
+//! methods, as it does behind any wrapper a user writes. The cases are the
+//! conformance kit's (`ctxstore::conformance`, feature `conformance`, which
+//! the crate's own tests always have).
 
 use std::sync::Arc;
 
@@ -17,7 +18,7 @@ mod direct {
         std::sync::Arc::new(ctxstore::InMemoryContextStorage::new())
     }
 
-    crate::conformance::conformance_tests!(make);
+    ctxstore::conformance_tests!(make);
 }
 
 /// Forwards every raw method to the engine and keeps the default
@@ -100,7 +101,7 @@ mod erased {
         std::sync::Arc::new(super::PassThrough(ctxstore::InMemoryContextStorage::new()))
     }
 
-    crate::conformance::conformance_tests!(make);
+    ctxstore::conformance_tests!(make);
 }
 
 /// The erased path really is taken: the decorator hides the engine.

@@ -1,9 +1,7 @@
 //! The conformance suite on Redis (feature `redis`). Needs a server at
 //! `CTXSTORE_REDIS_URL` (default `redis://127.0.0.1:6379`). Every case gets
 //! its own namespace, `ctxstore-conf-<uuid>`, so cases run in parallel.
-#![cfg(feature = "redis")]
-
-mod conformance;
+//! The cases are the conformance kit's (`ctxstore::conformance`).
 
 async fn make() -> std::sync::Arc<dyn ctxstore::ContextStorage> {
     let url =
@@ -16,4 +14,4 @@ async fn make() -> std::sync::Arc<dyn ctxstore::ContextStorage> {
     std::sync::Arc::new(store)
 }
 
-conformance::conformance_tests!(make);
+ctxstore::conformance_tests!(make);

@@ -1,30 +1,30 @@
-//! The backend conformance suite: written once against
-//! `Arc<dyn ContextStorage>`, run by every backend.
+//! The conformance cases: each an `async fn(Store)` that panics when the
+//! backend breaks the contract. [`run_all`](super::run_all) and
+//! [`conformance_tests!`](crate::conformance_tests) run them all; a case
+//! can also be awaited on its own.
 //!
-//! A backend's runner file is:
-//!
-//! ```ignore
-//! mod conformance;
-//! async fn make() -> std::sync::Arc<dyn ctxstore::ContextStorage> { /* a fresh, isolated store */ }
-//! conformance::conformance_tests!(make);
-//! ```
-//!
-//! Every case gets its own store from the factory (its own namespace or
-//! table), so cases run in parallel.
-#![allow(dead_code)]
+//! Every case uses only the public API ([`ContextStorageExt`] over
+//! `Arc<dyn ContextStorage>`), two context types of its own
+//! ([`ConfJob`], kind `ctxstore.conformance.job`, and [`ConfOther`]) and
+//! fresh random ids, so a store shared with other data is fine, but each
+//! case expects to be the only writer of its ids.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ctxstore::{Context, ContextStorage, ContextStorageExt, Uuid};
 use serde::{Deserialize, Serialize};
+
+use crate::{Context, ContextStorage, ContextStorageExt, Uuid};
 
 /// The main test context.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ConfJob {
+    /// A name.
     pub name: String,
+    /// A counter.
     pub n: u64,
+    /// A list that grows.
     pub history: Vec<u64>,
 }
 
@@ -37,6 +37,7 @@ impl Context for ConfJob {
 /// A second type, to check that keys are typed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ConfOther {
+    /// A label.
     pub label: String,
 }
 
@@ -54,74 +55,11 @@ fn job(name: &str, n: u64) -> ConfJob {
     }
 }
 
-/// Generates one `#[tokio::test]` per conformance case for `$factory`.
-macro_rules! conformance_tests {
-    ($factory:path) => {
-        crate::conformance::conformance_tests!(@cases $factory;
-            store_then_snapshot,
-            store_replaces_and_bumps_version,
-            not_found_names_type_and_id,
-            keys_are_typed,
-            commit_publishes_new_version,
-            drop_rolls_back_and_releases,
-            rollback_discards,
-            error_return_rolls_back,
-            snapshot_never_waits_for_holder,
-            snapshot_is_isolated_from_later_commits,
-            try_get_would_block_while_held,
-            timeout_while_held,
-            store_waits_for_holder,
-            delete_waits_for_holder,
-            update_context_returns_and_commits,
-            panic_in_update_commits_nothing,
-            versions_increase_across_delete_and_recreate,
-            contains_and_ids,
-            delete_unknown_is_not_found,
-            guard_moves_between_tasks,
-            cancelled_waiters_do_not_leak_the_lock,
-            concurrent_increments_are_exact,
-            delete_and_recreate_while_tasks_queue,
-            scoped_default_storage,
-            store_if_at_current_version_writes,
-            store_if_stale_conflicts_and_changes_nothing,
-            store_if_zero_creates_once,
-            store_if_absent_nonzero_is_not_found,
-            delete_if_right_wrong_absent,
-            store_if_waits_for_holder_then_conflicts,
-            store_if_waits_for_holder_then_succeeds_after_rollback,
-            delete_if_waits_for_holder_then_conflicts,
-            optimistic_increments_are_exact,
-            optimistic_returns_result_and_not_found,
-            create_once_race_succeeds_exactly_once,
-            watch_first_returns_current_and_unknown_is_not_found,
-            watch_sees_increasing_versions_then_not_found,
-            slow_watcher_gets_only_the_newest,
-            rollback_and_refused_writes_show_no_new_version,
-            watch_does_not_follow_a_recreated_context,
-            dropped_changed_future_loses_no_update,
-            many_watchers_all_reach_the_final_version,
-            watch_wakes_on_every_kind_of_write,
-        );
-    };
-    (@cases $factory:path; $($case:ident),* $(,)?) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn $case() {
-                let storage: std::sync::Arc<dyn ctxstore::ContextStorage> = $factory().await;
-                tokio::time::timeout(
-                    std::time::Duration::from_secs(120),
-                    crate::conformance::$case(storage),
-                )
-                .await
-                .expect("hang guard: the case did not finish within 120 s");
-            }
-        )*
-    };
-}
-pub(crate) use conformance_tests;
+/// What every case takes: a fresh storage from the factory.
+pub type Store = Arc<dyn ContextStorage>;
 
-type Store = Arc<dyn ContextStorage>;
-
+/// A stored value reads back in a snapshot, at the version `store_context`
+/// returned (>= 1).
 pub async fn store_then_snapshot(s: Store) {
     let id = Uuid::new_v4();
     let v = s.store_context(id, job("a", 1)).await.unwrap();
@@ -131,6 +69,7 @@ pub async fn store_then_snapshot(s: Store) {
     assert!(v >= 1);
 }
 
+/// Storing over an existing context replaces it with a higher version.
 pub async fn store_replaces_and_bumps_version(s: Store) {
     let id = Uuid::new_v4();
     let v0 = s.store_context(id, job("a", 1)).await.unwrap();
@@ -140,6 +79,8 @@ pub async fn store_replaces_and_bumps_version(s: Store) {
     assert_eq!((snap.name.as_str(), snap.n, snap.version()), ("b", 2, v1));
 }
 
+/// Every read and lock of an unknown id is `NotFound`, displayed as `no
+/// ConfJob context known for <id>`, carrying the kind and id.
 pub async fn not_found_names_type_and_id(s: Store) {
     let id = Uuid::new_v4();
     let expected = format!("no ConfJob context known for {id}");
@@ -164,6 +105,8 @@ pub async fn not_found_names_type_and_id(s: Store) {
     assert!(e.is_not_found());
 }
 
+/// `(T, id)` and `(U, id)` are different contexts, for values, deletes and
+/// locks.
 pub async fn keys_are_typed(s: Store) {
     let id = Uuid::new_v4();
     s.store_context(id, job("a", 1)).await.unwrap();
@@ -190,6 +133,8 @@ pub async fn keys_are_typed(s: Store) {
     drop(g);
 }
 
+/// A guard sees the committed version; its commit publishes the changes as a
+/// higher version, also when nothing changed.
 pub async fn commit_publishes_new_version(s: Store) {
     let id = Uuid::new_v4();
     let v0 = s.store_context(id, job("a", 0)).await.unwrap();
@@ -212,6 +157,7 @@ pub async fn commit_publishes_new_version(s: Store) {
     assert_eq!(s.get_context_snapshot::<ConfJob>(id).await.unwrap().n, 5);
 }
 
+/// A guard dropped without commit changes nothing and frees the lock.
 pub async fn drop_rolls_back_and_releases(s: Store) {
     let id = Uuid::new_v4();
     let v0 = s.store_context(id, job("a", 0)).await.unwrap();
@@ -232,6 +178,7 @@ pub async fn drop_rolls_back_and_releases(s: Store) {
     assert_eq!((snap.n, snap.version()), (0, v0));
 }
 
+/// `rollback()` changes nothing and frees the lock.
 pub async fn rollback_discards(s: Store) {
     let id = Uuid::new_v4();
     let v0 = s.store_context(id, job("a", 0)).await.unwrap();
@@ -254,6 +201,7 @@ async fn fallible_update(s: &Store, id: Uuid) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// A guard dropped by an early `?` return changes nothing and frees the lock.
 pub async fn error_return_rolls_back(s: Store) {
     let id = Uuid::new_v4();
     let v0 = s.store_context(id, job("a", 0)).await.unwrap();
@@ -265,6 +213,7 @@ pub async fn error_return_rolls_back(s: Store) {
     assert_eq!((g.n, g.history.len(), g.version()), (0, 0, v0));
 }
 
+/// Snapshots return while a guard is held and show only the committed value.
 pub async fn snapshot_never_waits_for_holder(s: Store) {
     let id = Uuid::new_v4();
     let v0 = s.store_context(id, job("a", 0)).await.unwrap();
@@ -286,6 +235,7 @@ pub async fn snapshot_never_waits_for_holder(s: Store) {
     assert_eq!((snap.n, snap.version()), (1, v1));
 }
 
+/// A snapshot keeps its value and version through later commits and a delete.
 pub async fn snapshot_is_isolated_from_later_commits(s: Store) {
     let id = Uuid::new_v4();
     s.store_context(id, job("a", 0)).await.unwrap();
@@ -303,6 +253,7 @@ pub async fn snapshot_is_isolated_from_later_commits(s: Store) {
     assert_eq!(before.into_owned(), job("a", 0));
 }
 
+/// `Wait::Never` on a held key is `WouldBlock` naming the key.
 pub async fn try_get_would_block_while_held(s: Store) {
     let id = Uuid::new_v4();
     s.store_context(id, job("a", 0)).await.unwrap();
@@ -319,6 +270,7 @@ pub async fn try_get_would_block_while_held(s: Store) {
     drop(g);
 }
 
+/// `Wait::Until` on a held key is `Timeout`, also for a zero timeout.
 pub async fn timeout_while_held(s: Store) {
     let id = Uuid::new_v4();
     s.store_context(id, job("a", 0)).await.unwrap();
@@ -342,6 +294,7 @@ pub async fn timeout_while_held(s: Store) {
     drop(g);
 }
 
+/// `store_raw` waits for a guard holder and commits after it.
 pub async fn store_waits_for_holder(s: Store) {
     let id = Uuid::new_v4();
     s.store_context(id, job("a", 0)).await.unwrap();
@@ -368,6 +321,7 @@ pub async fn store_waits_for_holder(s: Store) {
     );
 }
 
+/// `delete_raw` waits for a guard holder, then deletes.
 pub async fn delete_waits_for_holder(s: Store) {
     let id = Uuid::new_v4();
     s.store_context(id, job("a", 0)).await.unwrap();
@@ -385,6 +339,7 @@ pub async fn delete_waits_for_holder(s: Store) {
     assert!(!s.contains_context::<ConfJob>(id).await.unwrap());
 }
 
+/// `update_context` commits the closure's changes and returns its result.
 pub async fn update_context_returns_and_commits(s: Store) {
     let id = Uuid::new_v4();
     let v0 = s.store_context(id, job("a", 1)).await.unwrap();
@@ -401,6 +356,7 @@ pub async fn update_context_returns_and_commits(s: Store) {
     assert!(snap.version() > v0);
 }
 
+/// A panicking `update_context` closure commits nothing and frees the lock.
 pub async fn panic_in_update_commits_nothing(s: Store) {
     let id = Uuid::new_v4();
     let v0 = s.store_context(id, job("a", 1)).await.unwrap();
@@ -425,6 +381,7 @@ pub async fn panic_in_update_commits_nothing(s: Store) {
     );
 }
 
+/// Versions of one key strictly increase, also across delete and re-create.
 pub async fn versions_increase_across_delete_and_recreate(s: Store) {
     let id = Uuid::new_v4();
     let mut seen = vec![s.store_context(id, job("a", 0)).await.unwrap()];
@@ -443,6 +400,7 @@ pub async fn versions_increase_across_delete_and_recreate(s: Store) {
     );
 }
 
+/// `contains_raw` and `ids_raw` list exactly the live contexts of one type.
 pub async fn contains_and_ids(s: Store) {
     let ids: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
     for (i, id) in ids.iter().enumerate() {
@@ -465,6 +423,7 @@ pub async fn contains_and_ids(s: Store) {
     assert_eq!(s.context_ids::<ConfJob>().await.unwrap().len(), 4);
 }
 
+/// Deleting (or locking) an unknown or deleted id is `NotFound`.
 pub async fn delete_unknown_is_not_found(s: Store) {
     let id = Uuid::new_v4();
     let e = s.delete_context::<ConfJob>(id).await.unwrap_err();
@@ -484,6 +443,7 @@ pub async fn delete_unknown_is_not_found(s: Store) {
         .is_not_found());
 }
 
+/// A guard can be moved to another task and committed there.
 pub async fn guard_moves_between_tasks(s: Store) {
     let id = Uuid::new_v4();
     s.store_context(id, job("a", 0)).await.unwrap();
@@ -501,6 +461,7 @@ pub async fn guard_moves_between_tasks(s: Store) {
     assert_eq!((snap.n, snap.version()), (2, v));
 }
 
+/// Waiters that time out or are aborted neither keep nor swallow the lock.
 pub async fn cancelled_waiters_do_not_leak_the_lock(s: Store) {
     let id = Uuid::new_v4();
     s.store_context(id, job("a", 0)).await.unwrap();
@@ -534,6 +495,7 @@ pub async fn cancelled_waiters_do_not_leak_the_lock(s: Store) {
     assert_eq!(s.get_context_snapshot::<ConfJob>(id).await.unwrap().n, 1);
 }
 
+/// Eight tasks incrementing through guards: never two holders, no lost update.
 pub async fn concurrent_increments_are_exact(s: Store) {
     let id = Uuid::new_v4();
     s.store_context(id, job("counter", 0)).await.unwrap();
@@ -568,6 +530,9 @@ pub async fn concurrent_increments_are_exact(s: Store) {
     );
 }
 
+/// Delete and re-create while tasks queue on the key: never two holders, no
+/// lost update on the new context.
+///
 /// wepositive-di 0.2.0 defect: deleting and re-creating a key while tasks
 /// queue on it gave two holders at once and lost updates.
 pub async fn delete_and_recreate_while_tasks_queue(s: Store) {
@@ -623,18 +588,20 @@ pub async fn delete_and_recreate_while_tasks_queue(s: Store) {
     assert!(snap.n <= after_recreate);
 }
 
+/// The storage works as the task-scoped process-wide default
+/// (`with_context_storage`).
 pub async fn scoped_default_storage(s: Store) {
-    let inside = ctxstore::with_context_storage(s.clone(), async {
+    let inside = crate::with_context_storage(s.clone(), async {
         tokio::task::yield_now().await;
-        ctxstore::context_storage()
+        crate::context_storage()
     })
     .await;
     assert!(Arc::ptr_eq(&inside, &s));
-    let outside = ctxstore::context_storage();
+    let outside = crate::context_storage();
     assert!(!Arc::ptr_eq(&outside, &s));
     let id = Uuid::new_v4();
-    ctxstore::with_context_storage(s.clone(), async move {
-        ctxstore::context_storage()
+    crate::with_context_storage(s.clone(), async move {
+        crate::context_storage()
             .store_context(id, job("scoped", 1))
             .await
             .unwrap();
@@ -645,9 +612,9 @@ pub async fn scoped_default_storage(s: Store) {
 
 // ------------------------------------------------------ conditional writes
 
-fn assert_conflict(e: &ctxstore::ContextError, id: Uuid, expected: u64, found: u64) {
+fn assert_conflict(e: &crate::ContextError, id: Uuid, expected: u64, found: u64) {
     match e {
-        ctxstore::ContextError::Conflict {
+        crate::ContextError::Conflict {
             expected: e_exp,
             found: e_found,
             ..
@@ -665,6 +632,7 @@ async fn state(s: &Store, id: Uuid) -> (ConfJob, u64) {
     (snap.into_owned(), v)
 }
 
+/// `store_if_raw` at the committed version writes a higher version.
 pub async fn store_if_at_current_version_writes(s: Store) {
     let id = Uuid::new_v4();
     let v0 = s.store_context(id, job("a", 1)).await.unwrap();
@@ -676,6 +644,8 @@ pub async fn store_if_at_current_version_writes(s: Store) {
     assert_eq!(state(&s, id).await, (job("c", 3), v2));
 }
 
+/// `store_if_raw` at an older or a future version is `Conflict { expected,
+/// found }` and writes nothing.
 pub async fn store_if_stale_conflicts_and_changes_nothing(s: Store) {
     let id = Uuid::new_v4();
     let v0 = s.store_context(id, job("a", 1)).await.unwrap();
@@ -695,6 +665,8 @@ pub async fn store_if_stale_conflicts_and_changes_nothing(s: Store) {
     assert_eq!(state(&s, id).await, (job("b", 2), v1));
 }
 
+/// `store_if_raw` at 0 creates once, conflicts on an existing context, and
+/// creates again after a delete, above the old version.
 pub async fn store_if_zero_creates_once(s: Store) {
     let id = Uuid::new_v4();
     let v = s.store_context_if(id, 0, job("first", 1)).await.unwrap();
@@ -712,6 +684,8 @@ pub async fn store_if_zero_creates_once(s: Store) {
     assert!(v2 > v, "a recreated context's version must not go back");
 }
 
+/// `store_if_raw` at a non-zero version on an absent key is `NotFound` and
+/// creates nothing.
 pub async fn store_if_absent_nonzero_is_not_found(s: Store) {
     let id = Uuid::new_v4();
     let e = s.store_context_if(id, 1, job("x", 1)).await.unwrap_err();
@@ -726,6 +700,8 @@ pub async fn store_if_absent_nonzero_is_not_found(s: Store) {
     assert!(!s.contains_context::<ConfJob>(id).await.unwrap());
 }
 
+/// `delete_if_raw`: the right version deletes, a wrong one (or 0) conflicts,
+/// an absent key is `NotFound`; the version floor moves.
 pub async fn delete_if_right_wrong_absent(s: Store) {
     let id = Uuid::new_v4();
     let v0 = s.store_context(id, job("a", 1)).await.unwrap();
@@ -746,6 +722,8 @@ pub async fn delete_if_right_wrong_absent(s: Store) {
     assert!(v2 > v1);
 }
 
+/// `store_if_raw` waits for a guard holder, then compares (and conflicts
+/// after its commit).
 pub async fn store_if_waits_for_holder_then_conflicts(s: Store) {
     let id = Uuid::new_v4();
     let v0 = s.store_context(id, job("a", 0)).await.unwrap();
@@ -765,6 +743,8 @@ pub async fn store_if_waits_for_holder_then_conflicts(s: Store) {
     assert_eq!((value.name.as_str(), value.n, v), ("a", 1, v_guard));
 }
 
+/// `store_if_raw` waits for a guard holder, then compares (and writes after
+/// its rollback).
 pub async fn store_if_waits_for_holder_then_succeeds_after_rollback(s: Store) {
     let id = Uuid::new_v4();
     let v0 = s.store_context(id, job("a", 0)).await.unwrap();
@@ -783,6 +763,7 @@ pub async fn store_if_waits_for_holder_then_succeeds_after_rollback(s: Store) {
     assert_eq!(state(&s, id).await, (job("cond", 7), v));
 }
 
+/// `delete_if_raw` waits for a guard holder, then compares.
 pub async fn delete_if_waits_for_holder_then_conflicts(s: Store) {
     let id = Uuid::new_v4();
     let v0 = s.store_context(id, job("a", 0)).await.unwrap();
@@ -801,6 +782,7 @@ pub async fn delete_if_waits_for_holder_then_conflicts(s: Store) {
     assert_eq!(state(&s, id).await.1, v_guard);
 }
 
+/// Sixteen tasks incrementing with `update_context_optimistic`: no lost update.
 pub async fn optimistic_increments_are_exact(s: Store) {
     let id = Uuid::new_v4();
     s.store_context(id, job("counter", 0)).await.unwrap();
@@ -823,6 +805,8 @@ pub async fn optimistic_increments_are_exact(s: Store) {
     assert_eq!(state(&s, id).await.0.n, TASKS * EACH);
 }
 
+/// `update_context_optimistic` returns the result of the run that was
+/// written; `NotFound` for an unknown id.
 pub async fn optimistic_returns_result_and_not_found(s: Store) {
     let id = Uuid::new_v4();
     let e = s
@@ -844,6 +828,8 @@ pub async fn optimistic_returns_result_and_not_found(s: Store) {
     assert!(v > v0);
 }
 
+/// Sixteen concurrent create-once writes: exactly one succeeds, the others
+/// conflict.
 pub async fn create_once_race_succeeds_exactly_once(s: Store) {
     let id = Uuid::new_v4();
     let mut tasks = Vec::new();
@@ -873,7 +859,7 @@ pub async fn create_once_race_succeeds_exactly_once(s: Store) {
 const QUIET: Duration = Duration::from_millis(300);
 
 /// `changed()` must not return within [`QUIET`] (nothing new was committed).
-async fn assert_quiet(w: &mut ctxstore::ContextWatch<ConfJob>, what: &str) {
+async fn assert_quiet(w: &mut crate::ContextWatch<ConfJob>, what: &str) {
     if let Ok(got) = tokio::time::timeout(QUIET, w.changed()).await {
         panic!("{what}: changed() returned {got:?} with no new commit");
     }
@@ -883,9 +869,7 @@ async fn assert_quiet(w: &mut ctxstore::ContextWatch<ConfJob>, what: &str) {
 /// *before* the watch is polled (`biased`): `tokio::time::timeout` polls
 /// the inner future first when its timer fires, and that poll would find
 /// the new version even if no wake-up ever came.
-async fn next(
-    w: &mut ctxstore::ContextWatch<ConfJob>,
-) -> ctxstore::Result<ctxstore::Snapshot<ConfJob>> {
+async fn next(w: &mut crate::ContextWatch<ConfJob>) -> crate::Result<crate::Snapshot<ConfJob>> {
     tokio::select! {
         biased;
         _ = tokio::time::sleep(Duration::from_secs(20)) => panic!("changed() was not woken within 20 s"),
@@ -893,6 +877,8 @@ async fn next(
     }
 }
 
+/// Watch: `NotFound` for an unknown id; the first `changed` returns the
+/// version current when the watch began, the next one a later commit.
 pub async fn watch_first_returns_current_and_unknown_is_not_found(s: Store) {
     let id = Uuid::new_v4();
     let e = s.watch_context::<ConfJob>(id).await.unwrap_err();
@@ -912,6 +898,8 @@ pub async fn watch_first_returns_current_and_unknown_is_not_found(s: Store) {
     assert_quiet(&mut w, "after the last commit").await;
 }
 
+/// Watch: versions and values only increase up to the last commit; nothing
+/// more without a commit; after a delete `NotFound`, for good.
 pub async fn watch_sees_increasing_versions_then_not_found(s: Store) {
     let id = Uuid::new_v4();
     s.store_context(id, job("w", 0)).await.unwrap();
@@ -958,6 +946,7 @@ pub async fn watch_sees_increasing_versions_then_not_found(s: Store) {
     }
 }
 
+/// Watch: a slow watcher gets only the newest version, never the skipped ones.
 pub async fn slow_watcher_gets_only_the_newest(s: Store) {
     let id = Uuid::new_v4();
     s.store_context(id, job("w", 0)).await.unwrap();
@@ -972,6 +961,8 @@ pub async fn slow_watcher_gets_only_the_newest(s: Store) {
     assert_quiet(&mut w, "the skipped versions must not follow").await;
 }
 
+/// Watch: rollbacks and refused conditional writes wake nobody with a new
+/// version.
 pub async fn rollback_and_refused_writes_show_no_new_version(s: Store) {
     let id = Uuid::new_v4();
     let v0 = s.store_context(id, job("w", 0)).await.unwrap();
@@ -1004,6 +995,8 @@ pub async fn rollback_and_refused_writes_show_no_new_version(s: Store) {
     assert_eq!((snap.n, snap.version()), (1, v1));
 }
 
+/// Watch: a context deleted and created again is not followed (`NotFound`); a
+/// new watch follows the new one.
 pub async fn watch_does_not_follow_a_recreated_context(s: Store) {
     let id = Uuid::new_v4();
     s.store_context(id, job("old", 0)).await.unwrap();
@@ -1021,6 +1014,7 @@ pub async fn watch_does_not_follow_a_recreated_context(s: Store) {
     assert_eq!(next(&mut fresh).await.unwrap().name, "new");
 }
 
+/// Watch: dropping a waiting `changed()` future loses no update.
 pub async fn dropped_changed_future_loses_no_update(s: Store) {
     let id = Uuid::new_v4();
     s.store_context(id, job("w", 0)).await.unwrap();
@@ -1041,6 +1035,7 @@ pub async fn dropped_changed_future_loses_no_update(s: Store) {
     }
 }
 
+/// Watch: 24 watchers all reach the final version of 40 commits.
 pub async fn many_watchers_all_reach_the_final_version(s: Store) {
     let id = Uuid::new_v4();
     s.store_context(id, job("w", 0)).await.unwrap();
@@ -1082,6 +1077,8 @@ pub async fn many_watchers_all_reach_the_final_version(s: Store) {
     }
 }
 
+/// Watch: every kind of write (store, guard commit, update, conditional
+/// store, optimistic update, conditional delete) wakes a waiting watcher.
 pub async fn watch_wakes_on_every_kind_of_write(s: Store) {
     let id = Uuid::new_v4();
     let v0 = s.store_context(id, job("w", 0)).await.unwrap();
