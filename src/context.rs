@@ -188,6 +188,12 @@ impl ContextType {
         }
     }
 
+    /// `ContextError::Backend` for this type with a plain message as its
+    /// source (for failures that carry no driver error of their own).
+    pub fn backend_message(&self, id: Option<Uuid>, message: impl Into<String>) -> ContextError {
+        self.backend_error(id, crate::error::message(message))
+    }
+
     /// `ContextError::WouldBlock` for this type and `id`.
     pub fn would_block(&self, id: Uuid) -> ContextError {
         ContextError::WouldBlock {

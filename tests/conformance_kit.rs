@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use ctxstore::conformance::{self, Config, WATCH_CASES};
 use ctxstore::{
-    BoxError, BoxFuture, ContextStorage, ContextType, ErasedValue, InMemoryContextStorage,
-    RawGuard, RawSnapshot, RawWatchStart, Result, Uuid, Wait,
+    BoxFuture, ContextStorage, ContextType, ErasedValue, InMemoryContextStorage, RawGuard,
+    RawSnapshot, RawWatchStart, Result, Uuid, Wait,
 };
 
 /// Which rule the backend breaks.
@@ -97,8 +97,7 @@ impl ContextStorage for Forward {
         if self.fault == Fault::CannotWatch {
             let name = self.backend_name();
             return Box::pin(async move {
-                let why = std::io::Error::other(format!("the {name} backend cannot watch"));
-                Err(ty.backend_error(Some(id), Arc::new(why) as BoxError))
+                Err(ty.backend_message(Some(id), format!("the {name} backend cannot watch")))
             });
         }
         self.inner.watch_raw(ty, id)

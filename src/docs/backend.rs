@@ -116,9 +116,10 @@
 //! | anything else: an outage, a refused query, a corrupt version | [`ContextType::backend_error`]`(Some(id), source)` |
 //!
 //! `source` is a [`BoxError`] (an `Arc<dyn Error + Send + Sync>`): pass the
-//! driver's error as `Arc::new(err) as BoxError`. A backend never panics on
-//! what the server returns: a poisoned or corrupt value is an error for
-//! that key only.
+//! driver's error as `Arc::new(err) as BoxError`, or use
+//! [`ContextType::backend_message`](crate::ContextType::backend_message)`(Some(id), "...")` for a failure with no
+//! driver error. A backend never panics on what the server returns: a
+//! poisoned or corrupt value is an error for that key only.
 //!
 //! ## The methods
 //!
