@@ -168,11 +168,10 @@ impl<T: Context> ContextWatch<T> {
     }
 
     /// The poll form of [`changed`](Self::changed), for hand-written
-    /// futures and streams. After `Pending`, poll again or drop the watch
-    /// (or call [`cancel_wait`](Self::cancel_wait)): a waiting watch may
-    /// be handed the wake-up of the context's other watchers, which it
-    /// passes on when polled or dropped. `changed()`'s future does this
-    /// when it is dropped.
+    /// futures and streams. A watch that returned `Pending` and is then
+    /// kept without being polled delays nobody; it stays registered for a
+    /// wake-up until it is polled, dropped, or
+    /// [`cancel_wait`](Self::cancel_wait) is called.
     pub fn poll_changed(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<Snapshot<T>>> {
         let ty = ContextType::of::<T>();
         if self.ended {
@@ -223,8 +222,8 @@ impl<T: Context> Unpin for ContextWatch<T> {}
 
 impl<T: Context> ContextWatch<T> {
     /// Stops waiting (after a `poll_changed` that returned `Pending`):
-    /// leaves the context's wait list, passing on any wake-up it was
-    /// handed. Loses no update; the next call works as usual.
+    /// leaves the context's wait list, so later commits do not spend a
+    /// wake-up on it. Loses no update; the next call works as usual.
     pub fn cancel_wait(&mut self) {
         if let Source::Memory(watch) = &mut self.source {
             watch.cancel();

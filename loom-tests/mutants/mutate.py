@@ -256,19 +256,17 @@ M = {
  # watch_racing_delete_ends_not_found found): ordered before a watcher's
  # CAS that set WATCHED, the store is lost for it, and it waits forever
  "AA_kill_dead_by_plain_store": (PARK, [(
-   "self.state.fetch_or(DEAD, Ordering::Release);\n        // The common case",
-   "self.state.store(LOCKED | DEAD, Ordering::Release);\n        // The common case")]),
- # AB: a release that frees the lock ignores WATCHED (wakes no watcher)
+   "let before = self.state.fetch_or(DEAD, Ordering::Release);",
+   "let before = self.state.swap(LOCKED | DEAD, Ordering::Release);")]),
+ # AB: a release ignores WATCHED (wakes no watcher)
  "AB_release_ignores_watched": (PARK, [(
-   """                Ok(_) => {
-                    if s & WATCHED != 0 {""",
-   """                Ok(_) => {
-                    if false {""")]),
- # AC: the lead does not wake the other watchers
- "AC_lead_does_not_relay": (PARK, [(
-   """    pub(crate) fn relay(&self) {
-        self.wake_watchers(WOKEN);""",
-   """    pub(crate) fn relay(&self) {""")]),
+   "        if s & (WATCHED | ORPHAN) == WATCHED {",
+   "        if false {")]),
+ # AC: the release's check of the word is a plain load, not an RMW (a
+ # watcher's CAS can then be ordered after it without reading from it)
+ "AC_release_checks_with_a_load": (PARK, [(
+   "let mut s = self.state.fetch_or(0, Ordering::AcqRel);",
+   "let mut s = self.state.load(Ordering::Acquire);")]),
  # AD: the watcher's CAS setting WATCHED is Relaxed (no Acquire on the
  # release it reads: the re-read may miss the published version).
  # EQUIVALENT in the engine as written: the re-read (`MemWatch::check`)
@@ -283,27 +281,34 @@ M = {
    """                    s | WATCHED,
                     Ordering::Relaxed,
                     Ordering::Relaxed,""")]),
- # AE: the hand-off release reads the word with a plain load instead of an
- # RMW (a watcher's CAS can be ordered after it in the modification order
- # without reading from it).
- # A DELAY, NOT A LOSS (passes every model): the watcher is then woken by
- # the grantee's own release, an RMW, which always follows; loom checks
- # that every wait ends, not how soon. Kept as an RMW so that a watcher is
- # not left behind a guard held across `.await`.
- "AE_handoff_release_loads_word": (PARK, [(
-   """                    let clear = if last { QUEUED } else { 0 };
-                    let before = self.state.fetch_and(!clear, Ordering::Release);""",
-   """                    if last {
-                        self.state.fetch_and(!QUEUED, Ordering::Relaxed);
-                    }
-                    let before = self.state.load(Ordering::Relaxed);""")]),
- # AF: a cancelled wait of a watcher made the lead does not pass the
- # wake-up on
- "AF_cancelled_lead_keeps_wakeup": (PARK, [(
-   """            LEAD => self.relay(),
-            WAITING => {""",
-   """            LEAD => {}
-            WAITING => {""")]),
+ # AF: the release's CAS loop does not look at ORPHAN again after a
+ # failure (a store dropped between the check and the CAS leaks the
+ # slot's reference and never ends its watchers)
+ "AF_orphan_not_rechecked": (PARK, [(
+   """            if s & ORPHAN != 0 {
+                // The store is gone""",
+   """            if s & ORPHAN != 0 && false {
+                // The store is gone""")]),
+ # AG: a re-poll keeps the waker of the first poll
+ "AG_repoll_keeps_old_waker": (PARK, [(
+   """                    Notify::Waker(old) if old.will_wake(waker) => {}
+                    _ => n.notify = Notify::Waker(waker.clone()),
+                })
+            };
+            return Outcome::Busy;""",
+   """                    _ => {}
+                })
+            };
+            return Outcome::Busy;""")]),
+ # AH: kill does not wake the watchers
+ "AH_kill_forgets_watchers": (PARK, [(
+   """        if before & WATCHED != 0 {
+            self.wake_watchers(Budget::All);
+        }""", "        let _ = before;")]),
+ # AI: a release wakes only the first watcher (one per release)
+ "AI_release_wakes_one_watcher": (PARK, [(
+   "            Budget::LinkedNow => list.len,",
+   "            Budget::LinkedNow => 1,")]),
 }
 
 if sys.argv[1] == "list":

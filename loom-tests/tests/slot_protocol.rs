@@ -767,15 +767,13 @@ fn watcher_never_misses_the_last_commit() {
     });
 }
 
-/// Two watchers and one commit: the release wakes one (the lead), which
-/// wakes the other, also when the lead's wait is cancelled instead of
-/// polled (its cancellation passes the wake-up on).
+/// Two watchers and one commit, one of them cancelling its wait while the
+/// commit runs: the other is woken (it never depends on the first).
 #[test]
-fn the_lead_wakes_the_other_watchers() {
-    check("the_lead_wakes_the_other_watchers", || {
+fn a_release_wakes_every_watcher_while_one_cancels() {
+    check("a_release_wakes_every_watcher_while_one_cancels", || {
         let slot = Slot::new(val(0, 0), 1);
-        // Linked before the commit, then cancelled while the commit runs:
-        // if the release made it the lead, the cancel passes the wake-up on.
+        // Linked before the commit, then cancelled while the commit runs.
         let mut linked = slot.watch();
         let flag = std::sync::Arc::new(Flag(std::sync::atomic::AtomicBool::new(false)));
         let waker = Waker::from(flag.clone());
@@ -794,6 +792,138 @@ fn the_lead_wakes_the_other_watchers() {
         assert_eq!(other.join().unwrap(), 2);
         canceller.join().unwrap();
         assert_free(&slot);
+    });
+}
+
+/// A watch polled once (Pending) and then kept but never polled again (a
+/// `Stream` whose `next()` lost a `select!`): another watcher still gets
+/// the one commit. (A first design, where one woken watcher woke the
+/// others when it ran, deadlocked here.)
+#[test]
+fn an_idle_watch_does_not_starve_another() {
+    check("an_idle_watch_does_not_starve_another", || {
+        let slot = Slot::new(val(0, 0), 1);
+        let mut idle = slot.watch();
+        let flag = std::sync::Arc::new(Flag(std::sync::atomic::AtomicBool::new(false)));
+        let waker = Waker::from(flag.clone());
+        assert!(idle
+            .poll(&mut TaskContext::from_waker(&waker), 1)
+            .is_pending());
+        let other = {
+            let slot = slot.clone();
+            thread::spawn(move || {
+                let mut w = slot.watch();
+                block_on(w.changed(1)).expect("never deleted")
+            })
+        };
+        slot.lock_blocking()
+            .expect("never deleted")
+            .store(val(1, 1))
+            .expect("store");
+        assert_eq!(other.join().unwrap(), 2);
+        assert!(
+            flag.0.load(StdOrdering::Relaxed),
+            "the idle watch was not woken"
+        );
+        drop(idle);
+    });
+}
+
+/// A watch re-polled with a new waker (the waker refresh of a linked
+/// watcher) while a commit runs, beside a second watcher.
+#[test]
+fn a_repoll_with_a_new_waker_races_a_commit() {
+    check("a_repoll_with_a_new_waker_races_a_commit", || {
+        let slot = Slot::new(val(0, 0), 1);
+        let mut first = slot.watch();
+        let flag = std::sync::Arc::new(Flag(std::sync::atomic::AtomicBool::new(false)));
+        let waker = Waker::from(flag.clone());
+        assert!(first
+            .poll(&mut TaskContext::from_waker(&waker), 1)
+            .is_pending());
+        let mut second = slot.watch();
+        assert!(second
+            .poll(&mut TaskContext::from_waker(&waker), 1)
+            .is_pending());
+        let writer = {
+            let slot = slot.clone();
+            thread::spawn(move || {
+                slot.lock_blocking()
+                    .expect("never deleted")
+                    .store(val(1, 1))
+                    .expect("store");
+            })
+        };
+        let other = thread::spawn(move || {
+            block_on(std::future::poll_fn(|cx| second.poll(cx, 1))).expect("never deleted")
+        });
+        // A re-poll of the same watch with another waker (block_on's).
+        let got = block_on(std::future::poll_fn(|cx| first.poll(cx, 1))).expect("never deleted");
+        assert_eq!(got, 2);
+        assert_eq!(other.join().unwrap(), 2);
+        writer.join().unwrap();
+    });
+}
+
+/// The last commit is released through the queue path (a waiter is
+/// queued; with hand-off it is granted the lock) and the waiter then keeps
+/// the lock: no later release can make up for a wake-up lost there.
+#[test]
+fn the_last_commit_released_through_the_queue_wakes_the_watcher() {
+    check(
+        "the_last_commit_released_through_the_queue_wakes_the_watcher",
+        || {
+            let slot = Slot::new(val(0, 0), 1);
+            let held = slot.lock_blocking().expect("first");
+            let mut w = slot.watch();
+            let flag = std::sync::Arc::new(Flag(std::sync::atomic::AtomicBool::new(false)));
+            let waker = Waker::from(flag.clone());
+            assert!(w.poll(&mut TaskContext::from_waker(&waker), 1).is_pending());
+            let waiter = {
+                let slot = slot.clone();
+                thread::spawn(move || slot.lock_blocking().expect("never deleted"))
+            };
+            let watcher = thread::spawn(move || {
+                block_on(std::future::poll_fn(|cx| w.poll(cx, 1))).expect("never deleted")
+            });
+            held.store(val(1, 1)).expect("store");
+            assert_eq!(
+                watcher.join().unwrap(),
+                2,
+                "the watcher must see the last commit while the waiter holds the lock"
+            );
+            drop(waiter.join().unwrap());
+        },
+    );
+}
+
+/// The store is dropped while a guard releases a watched slot: the store's
+/// `orphan()` and the release agree on who owns the reference the store
+/// leaves behind, and the slot ends dead (its watchers end).
+#[test]
+fn store_drop_racing_a_watched_release() {
+    check("store_drop_racing_a_watched_release", || {
+        let (slot, held) = Slot::new_locked(val(0, 0), 1);
+        let mut w = slot.watch();
+        let flag = std::sync::Arc::new(Flag(std::sync::atomic::AtomicBool::new(false)));
+        let waker = Waker::from(flag.clone());
+        assert!(w.poll(&mut TaskContext::from_waker(&waker), 1).is_pending());
+        let releaser = thread::spawn(move || held.unlock_owned());
+        let orphaned = slot.store_dropped();
+        let handed = releaser.join().unwrap();
+        assert_eq!(
+            orphaned, handed,
+            "orphan() = {orphaned} but the release took the reference: {handed}"
+        );
+        assert!(
+            slot.is_dead(),
+            "the store is gone but the slot is not dead (its watchers never end)"
+        );
+        assert!(
+            flag.0.load(StdOrdering::Relaxed),
+            "the watcher was not woken"
+        );
+        drop(w);
     });
 }
 

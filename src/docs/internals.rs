@@ -60,11 +60,11 @@
 //! * **Watch** = a boxed waiter node linked in the slot's watch list while a
 //!   `changed()` waits; the first sets `WATCHED` in the lock word (an
 //!   `AcqRel` CAS), then re-reads `current`. With `WATCHED` set the release
-//!   CAS `LOCKED -> 0` fails and the slow path wakes one watcher (the lead),
-//!   which wakes the rest when it runs. A key nobody watches pays nothing;
-//!   a watched key pays one wake-up per release, whatever the number of
-//!   watchers. Delete (and the store's drop) wake every watcher, which then
-//!   reads `DEAD` and ends with `NotFound`. The watch holds the slot's
+//!   CAS `LOCKED -> 0` fails and the slow path wakes the parked watchers
+//!   (before it frees the lock). A key nobody watches pays nothing; a
+//!   watched key pays one wake-up per parked watcher. Delete (and the
+//!   store's drop) wake every watcher, which then reads `DEAD` and ends
+//!   with `NotFound`. The watch holds the slot's
 //!   `Arc`, so it outlives a delete.
 //!
 //! ## Deferred reclamation

@@ -100,6 +100,18 @@ impl<T: Context> Slot<T> {
         }
     }
 
+    /// The store's `Drop` for this slot: `orphan()`, else `close()`.
+    /// Returns what `orphan()` returned (the caller then owes the holder a
+    /// reference, which the models keep anyway).
+    pub fn store_dropped(&self) -> bool {
+        if self.0.lock.orphan() {
+            true
+        } else {
+            self.0.lock.close();
+            false
+        }
+    }
+
     /// A watch on this slot (the engine's `MemWatch`, as
     /// `watch_context` builds it).
     pub fn watch(&self) -> Watch<T> {
@@ -195,6 +207,12 @@ impl<T: Context> Locked<T> {
 
     /// Releases the lock (the same as dropping it).
     pub fn unlock(self) {}
+
+    /// A guard's release (`RawLock::unlock_owned`): `true` if the store
+    /// was dropped meanwhile and left the slot's reference to this release.
+    pub fn unlock_owned(self) -> bool {
+        self.take().lock.unlock_owned()
+    }
 }
 
 impl<T> Drop for Locked<T> {

@@ -70,25 +70,37 @@
 //! (`memory::watch`): waiters for a *newer version*, not for the lock.
 //! `WATCHED` in the lock word says the list is not empty. The uncontended
 //! release CAS (`LOCKED -> 0`) fails when it is set, so a commit on a key
-//! nobody watches costs nothing more; a release that reads `WATCHED` in
-//! its RMW on the word wakes one watcher, the *lead* (`LEAD`), and the
-//! lead wakes every other linked watcher when it runs (or when its wait
-//! is cancelled): a release costs the same with one watcher or a
-//! thousand, and the fan-out runs on the watchers' time.
+//! nobody watches costs nothing more. A release that finds `WATCHED`
+//! wakes the watchers linked at that moment (in batches of 16 outside the
+//! list's mutex), **before** it frees the lock: a guard holds no reference
+//! to its slot, and once the lock is free a delete (and the collector) or
+//! the store's drop may free the slot under the releasing thread.
 //!
 //! No wake-up is lost: a watcher links itself and, if it is the first,
 //! sets `WATCHED` with an `AcqRel` CAS under the list's mutex, and only
-//! then re-reads the committed version. Every release is an RMW on the
-//! same word (one runs even on the hand-off path, where no bit changes),
-//! so the two are ordered in the word's modification order: either the
-//! release reads `WATCHED` and wakes, or the watcher's CAS reads the
-//! released word (`Acquire` on `Release`) and then sees the version
-//! published before it. A watcher joining a non-empty list relies on the
-//! one that set the bit, through the mutex. `kill` sets `DEAD` with an
-//! RMW as well (a plain store could be ordered before a watcher's CAS and
-//! lose the bit) and then wakes every watcher. The loom models
-//! `watcher_never_misses_the_last_commit`,
-//! `the_lead_wakes_the_other_watchers` and
+//! then re-reads the committed version. A release reads the word with one
+//! `AcqRel` RMW that keeps `LOCKED`, after publishing. The two RMWs are
+//! ordered in the word's modification order: either the release's reads
+//! `WATCHED` (and the watcher is linked, so it is woken), or the watcher's
+//! CAS reads the release's RMW or a later one of its release sequence
+//! (`Acquire` on `Release`) and then sees the version published before it.
+//! A watcher joining a non-empty list relies on the one that set the bit,
+//! through the mutex. Setting `DEAD` is an RMW everywhere (`kill`, `close`,
+//! an orphaned release): a plain store could be ordered before a watcher's
+//! CAS and lose the bit (the loom model `watch_racing_delete_ends_not_found`
+//! caught that in a first version); each then wakes every watcher.
+//!
+//! A first version woke one watcher per release and let it wake the others
+//! when it ran; a watch that was polled once and then kept but not polled
+//! (a `Stream` whose `next()` lost a `select!`) swallowed the wake-up of
+//! every other watcher. Now no watcher depends on another being polled.
+//!
+//! The loom models `watcher_never_misses_the_last_commit`,
+//! `a_release_wakes_every_watcher_while_one_cancels`,
+//! `an_idle_watch_does_not_starve_another`,
+//! `a_repoll_with_a_new_waker_races_a_commit`,
+//! `the_last_commit_released_through_the_queue_wakes_the_watcher`,
+//! `store_drop_racing_a_watched_release` and
 //! `watch_racing_delete_ends_not_found` check this.
 //!
 //! ## Orderings
@@ -139,9 +151,6 @@ pub(crate) const CANCELLED: u8 = 3;
 pub(crate) const WOKEN: u8 = 4;
 /// Never queued yet (or, for a watcher: not linked).
 pub(crate) const IDLE: u8 = 5;
-/// A watcher a release woke and unlinked, which now owes the wake-up to
-/// every other linked watcher (see [`RawLock::relay`]).
-pub(crate) const LEAD: u8 = 6;
 
 /// How long a queued waiter may be passed by newcomers before a release
 /// hands the lock to it directly (see the module docs); the default of
@@ -267,6 +276,14 @@ impl Wake {
     }
 }
 
+/// How many watchers a wake-up pass may complete (see
+/// [`RawLock::wake_watchers`]).
+#[derive(Debug, Clone, Copy)]
+enum Budget {
+    LinkedNow,
+    All,
+}
+
 /// The outcome of every acquisition attempt, immediate or waiting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
@@ -293,6 +310,8 @@ pub(crate) enum Place {
 struct List {
     head: *const Waiter,
     tail: *const Waiter,
+    /// How many waiters are linked (bounds a release's watcher wake-ups).
+    len: usize,
 }
 
 // SAFETY: the pointers are dereferenced only under the mutex that owns the
@@ -304,6 +323,7 @@ impl List {
         Self {
             head: ptr::null(),
             tail: ptr::null(),
+            len: 0,
         }
     }
 
@@ -332,6 +352,7 @@ impl List {
             }
         }
         self.tail = w;
+        self.len += 1;
     }
 
     unsafe fn push_front(&mut self, w: *const Waiter) {
@@ -348,6 +369,7 @@ impl List {
             }
         }
         self.head = w;
+        self.len += 1;
     }
 
     unsafe fn remove(&mut self, w: *const Waiter) {
@@ -368,6 +390,7 @@ impl List {
                 false => (*next).with_node(|n| n.prev = prev),
             }
         }
+        self.len -= 1;
     }
 
     /// Whether `w` is linked here (a walk of the list; for assertions).
@@ -402,7 +425,7 @@ pub(crate) struct RawLock {
     queue: Mutex<List>,
     // Invariant: links exactly the `WAITING` watchers (see the module docs,
     // "Watchers"); non-empty exactly when `WATCHED` is set (both changed
-    // under this mutex, or by `kill`, which holds it).
+    // under this mutex).
     watchers: Mutex<List>,
 }
 
@@ -588,47 +611,54 @@ impl RawLock {
 
     #[cold]
     fn unlock_slow(&self) -> bool {
-        // Acquire: pairs with the Release CAS in `orphan`.
-        if self.state.load(Ordering::Acquire) & ORPHAN != 0 {
-            // The store is gone, and with it every way to wait for this
-            // lock: nobody else will touch it. Relaxed: no one reads it.
-            self.state.store(LOCKED | DEAD | ORPHAN, Ordering::Relaxed);
-            // Watchers hold the slot, not the store: they end here.
-            self.wake_all_watchers();
-            return true;
+        // One RMW that keeps LOCKED, so the slot is still ours (a guard
+        // holds no reference to it: once the lock is free, a delete and the
+        // collector, or the store's drop, may free it under us). AcqRel.
+        // Acquire: pairs with the Release CAS in `orphan`. Release: a
+        // watcher whose CAS setting WATCHED comes after this RMW in the
+        // word's modification order reads it (or a later RMW of its release
+        // sequence) and sees the version published before this release;
+        // one whose CAS came before is linked, and this RMW reads WATCHED.
+        let mut s = self.state.fetch_or(0, Ordering::AcqRel);
+        if s & (WATCHED | ORPHAN) == WATCHED {
+            // While we still hold the lock (see above).
+            self.wake_watchers(Budget::LinkedNow);
         }
-        // The word each path below leaves behind, as its RMW read it: if
-        // it shows WATCHED, a watcher linked before this release, which
-        // must be woken. (One that sets WATCHED after this RMW reads the
-        // released word with Acquire and sees the new version itself.)
-        let mut s = self.state.load(Ordering::Relaxed);
-        // Nobody queued (the fast path failed on WATCHED): free the lock
-        // without the queue mutex. A waiter queueing meanwhile sets QUEUED
-        // with a CAS, which makes this one fail and take the queue path.
-        while s & QUEUED == 0 {
-            // Release: pairs with the next acquirer's Acquire CAS, and with
-            // the Acquire CAS of a watcher that sets WATCHED after this.
+        loop {
+            if s & ORPHAN != 0 {
+                // The store is gone, and with it every way to wait for this
+                // lock: nobody else will take it. Mark it dead (an RMW, see
+                // `kill`; Release: pairs with the Acquire load in `watch`)
+                // and end the watchers, which hold the slot, not the store.
+                self.state.fetch_or(DEAD, Ordering::Release);
+                self.wake_watchers(Budget::All);
+                return true;
+            }
+            if s & QUEUED != 0 {
+                break;
+            }
+            // Nobody queued (the fast path failed on WATCHED, or on ORPHAN
+            // set since): free the lock without the queue mutex. A waiter
+            // queueing meanwhile sets QUEUED, and the store's drop sets
+            // ORPHAN, each with a CAS that makes this one fail and look
+            // again. Release: pairs with the next acquirer's Acquire CAS.
+            // Acquire on failure: a word with ORPHAN, as in `orphan`.
             match self
                 .state
-                .compare_exchange(s, s & !LOCKED, Ordering::Release, Ordering::Relaxed)
+                .compare_exchange(s, s & !LOCKED, Ordering::Release, Ordering::Acquire)
             {
-                Ok(_) => {
-                    if s & WATCHED != 0 {
-                        self.wake_a_watcher();
-                    }
-                    return false;
-                }
+                Ok(_) => return false,
                 Err(actual) => s = actual,
             }
         }
         let mut queue = self.queue.lock();
-        let (wake, before) = match queue.front() {
+        let wake = match queue.front() {
             None => {
                 // Nobody is left (they cancelled): free the lock, keeping
                 // DEAD if set. Release: pairs with the next acquirer's
-                // Acquire CAS (and a later watcher's, as above).
-                let before = self.state.fetch_and(!(LOCKED | QUEUED), Ordering::Release);
-                (Wake::Nobody, before)
+                // Acquire CAS.
+                self.state.fetch_and(!(LOCKED | QUEUED), Ordering::Release);
+                Wake::Nobody
             }
             Some(head) => {
                 // SAFETY: linked in our queue, whose mutex we hold.
@@ -637,31 +667,27 @@ impl RawLock {
                 unsafe { queue.remove(head) };
                 let last = queue.is_empty();
                 if due {
-                    // LOCKED stays set: ownership moves to the head. The
-                    // RMW runs even when no bit changes, so that the
-                    // watchers check reads the word in its modification
-                    // order. Release: pairs with the Acquire CAS of a
-                    // watcher that sets WATCHED after it (the grant itself
-                    // is published through the waiter's state).
-                    let clear = if last { QUEUED } else { 0 };
-                    let before = self.state.fetch_and(!clear, Ordering::Release);
+                    if last {
+                        // Relaxed: QUEUED is only read by CASes that are
+                        // ordered with this one by the queue mutex or by
+                        // coherence of the lock word.
+                        self.state.fetch_and(!QUEUED, Ordering::Relaxed);
+                    }
+                    // LOCKED stays set: ownership moves to the head.
                     // SAFETY: unlinked just now, under the mutex.
-                    (unsafe { complete(head, GRANTED) }, before)
+                    unsafe { complete(head, GRANTED) }
                 } else {
                     let clear = if last { LOCKED | QUEUED } else { LOCKED };
                     // Free the lock; the head competes for it. Release:
                     // pairs with the Acquire CAS of whoever takes it next.
-                    let before = self.state.fetch_and(!clear, Ordering::Release);
+                    self.state.fetch_and(!clear, Ordering::Release);
                     // SAFETY: unlinked just now, under the mutex.
-                    (unsafe { complete(head, WOKEN) }, before)
+                    unsafe { complete(head, WOKEN) }
                 }
             }
         };
         drop(queue);
         wake.wake();
-        if before & WATCHED != 0 {
-            self.wake_a_watcher();
-        }
         false
     }
 
@@ -738,7 +764,7 @@ impl RawLock {
         // did. An RMW, not a store: a watcher's CAS setting WATCHED may
         // land just before it, and must not be overwritten (the loom model
         // `watch_racing_delete_ends_not_found` caught exactly that).
-        self.state.fetch_or(DEAD, Ordering::Release);
+        let before = self.state.fetch_or(DEAD, Ordering::Release);
         // The common case (nobody waits) builds no batch.
         while !queue.is_empty() {
             let mut wakes: [Wake; BATCH] = std::array::from_fn(|_| Wake::Nobody);
@@ -760,8 +786,13 @@ impl RawLock {
         // other QUEUED changes by this mutex.
         self.state.fetch_and(!QUEUED, Ordering::Relaxed);
         drop(queue);
-        // Every watcher must now learn that the context is gone.
-        self.wake_all_watchers();
+        // Every watcher must now learn that the context is gone (nobody can
+        // link any more: `watch` reads DEAD first). A watcher links only
+        // after setting WATCHED (or finding it set), so without it nobody is
+        // linked and the watch mutex is not needed.
+        if before & WATCHED != 0 {
+            self.wake_watchers(Budget::All);
+        }
     }
 
     // ------------------------------------------------------------ watchers
@@ -779,29 +810,21 @@ impl RawLock {
     pub(crate) unsafe fn watch(&self, w: &Waiter, waker: &Waker) -> Outcome {
         let mut list = self.watchers.lock();
         // Relaxed: every state change of a watcher happens under this mutex.
-        match w.state.load(Ordering::Relaxed) {
-            WAITING => {
-                // Still linked (a re-poll): refresh the waker.
-                // SAFETY: linked in our list, whose mutex we hold.
-                unsafe {
-                    w.with_node(|n| match &n.notify {
-                        Notify::Waker(old) if old.will_wake(waker) => {}
-                        _ => n.notify = Notify::Waker(waker.clone()),
-                    })
-                };
-                return Outcome::Busy;
-            }
-            LEAD => {
-                // Made the lead since the caller looked: serve the duty
-                // first (the relay takes the mutex), then link again.
-                drop(list);
-                self.relay();
-                list = self.watchers.lock();
-            }
-            _ => {}
+        // Not WAITING: woken since the caller looked, or never linked: link.
+        if w.state.load(Ordering::Relaxed) == WAITING {
+            // Still linked (a re-poll): refresh the waker.
+            // SAFETY: linked in our list, whose mutex we hold.
+            unsafe {
+                w.with_node(|n| match &n.notify {
+                    Notify::Waker(old) if old.will_wake(waker) => {}
+                    _ => n.notify = Notify::Waker(waker.clone()),
+                })
+            };
+            return Outcome::Busy;
         }
-        // Acquire: a kill's DEAD store (see `kill`, which drains the list
-        // after it under this mutex).
+        // Acquire: pairs with the Release RMW that set DEAD (`kill`,
+        // `close`, an orphaned release), each of which then drains the list
+        // under this mutex.
         let mut s = self.state.load(Ordering::Acquire);
         if s & DEAD != 0 {
             // Relaxed: unlinked; the owner's alone.
@@ -844,8 +867,7 @@ impl RawLock {
         Outcome::Busy
     }
 
-    /// Takes `w` out of the watch list if it is linked, and serves the
-    /// wake-up it owes if a release made it the lead. Afterwards `w` is
+    /// Takes `w` out of the watch list if it is linked. Afterwards `w` is
     /// unlinked and `IDLE`.
     ///
     /// # Safety
@@ -853,31 +875,20 @@ impl RawLock {
     pub(crate) unsafe fn unwatch(&self, w: &Waiter) {
         // Acquire: pairs with the Release store in `complete`, so a
         // completed state is final and the completer is done with `w`.
-        match w.state.load(Ordering::Acquire) {
-            LEAD => self.relay(),
-            WAITING => {
-                let mut list = self.watchers.lock();
-                // Relaxed: under the mutex, where every transition happens.
-                match w.state.load(Ordering::Relaxed) {
-                    WAITING => {
-                        // SAFETY: a WAITING watcher is linked in this list.
-                        unsafe { list.remove(w) };
-                        if list.is_empty() {
-                            // Relaxed: WATCHED is only read by RMWs ordered
-                            // with this one by coherence of the lock word;
-                            // a release that still sees it finds an empty
-                            // list under the mutex and wakes nobody.
-                            self.state.fetch_and(!WATCHED, Ordering::Relaxed);
-                        }
-                    }
-                    LEAD => {
-                        drop(list);
-                        self.relay();
-                    }
-                    _ => {}
+        if w.state.load(Ordering::Acquire) == WAITING {
+            let mut list = self.watchers.lock();
+            // Relaxed: under the mutex, where every transition happens.
+            if w.state.load(Ordering::Relaxed) == WAITING {
+                // SAFETY: a WAITING watcher is linked in this list.
+                unsafe { list.remove(w) };
+                if list.is_empty() {
+                    // Relaxed: WATCHED is only read by RMWs ordered with
+                    // this one by coherence of the lock word; a release that
+                    // still sees it finds an empty list under the mutex and
+                    // wakes nobody.
+                    self.state.fetch_and(!WATCHED, Ordering::Relaxed);
                 }
             }
-            _ => {}
         }
         // Relaxed: unlinked; the owner's alone.
         w.state.store(IDLE, Ordering::Relaxed);
@@ -888,53 +899,32 @@ impl RawLock {
         );
     }
 
-    /// A release saw `WATCHED`: wake one watcher, the *lead*, which wakes
-    /// the others ([`relay`](Self::relay)) when it runs, so a release
-    /// costs the same with one watcher or a thousand.
-    #[cold]
-    fn wake_a_watcher(&self) {
-        let mut list = self.watchers.lock();
-        // SAFETY: we hold the mutex.
-        let wake = match unsafe { list.pop_front() } {
-            Some(w) => {
-                if list.is_empty() {
-                    // Relaxed: see `unwatch`.
-                    self.state.fetch_and(!WATCHED, Ordering::Relaxed);
-                }
-                // SAFETY: unlinked just now, under the mutex.
-                unsafe { complete(w, LEAD) }
-            }
-            None => Wake::Nobody,
-        };
-        drop(list);
-        wake.wake();
-    }
-
-    /// The lead's duty: wakes every watcher linked now (a version newer
-    /// than what each waits for may exist). Wakes in batches outside the
-    /// mutex, without allocating.
-    pub(crate) fn relay(&self) {
-        self.wake_watchers(WOKEN);
-    }
-
-    /// Wakes every watcher (the context is gone, or its store).
-    fn wake_all_watchers(&self) {
-        self.wake_watchers(WOKEN);
-    }
-
-    /// Completes every linked watcher with `to` and wakes it.
-    fn wake_watchers(&self, to: u8) {
+    /// Completes the linked watchers (`WOKEN`) and wakes them, in batches of
+    /// 16 outside the mutex, without allocating. `LinkedNow`: at most as
+    /// many as are linked when it starts (a watcher that links again after
+    /// its wake-up waits for a newer version, and is not woken twice by one
+    /// release, so the work is bounded); `All`: until the list is empty (a
+    /// dead lock, which nobody can link to any more).
+    fn wake_watchers(&self, budget: Budget) {
         const BATCH: usize = 16;
         let mut list = self.watchers.lock();
-        while !list.is_empty() {
+        let mut left = match budget {
+            Budget::LinkedNow => list.len,
+            Budget::All => usize::MAX,
+        };
+        while left > 0 && !list.is_empty() {
             let mut wakes: [Wake; BATCH] = std::array::from_fn(|_| Wake::Nobody);
             for wake in &mut wakes {
+                if left == 0 {
+                    break;
+                }
                 // SAFETY: we hold the mutex.
                 let Some(w) = (unsafe { list.pop_front() }) else {
                     break;
                 };
+                left -= 1;
                 // SAFETY: unlinked just now, under the mutex.
-                *wake = unsafe { complete(w, to) };
+                *wake = unsafe { complete(w, WOKEN) };
             }
             if list.is_empty() {
                 // Relaxed: see `unwatch`.
@@ -951,9 +941,12 @@ impl RawLock {
     /// The store is being dropped and nobody holds this lock: mark it dead
     /// (nobody can take it any more) and end its watchers.
     pub(crate) fn close(&self) {
-        // Release: pairs with the Acquire load in `watch`.
-        self.state.fetch_or(DEAD, Ordering::Release);
-        self.wake_all_watchers();
+        // Release: pairs with the Acquire load in `watch`. A watcher links
+        // only after setting WATCHED (or finding it set), so without it
+        // nobody is linked, and nobody can link once DEAD is set.
+        if self.state.fetch_or(DEAD, Ordering::Release) & WATCHED != 0 {
+            self.wake_watchers(Budget::All);
+        }
     }
 
     /// Whether the context was deleted.

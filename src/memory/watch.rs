@@ -2,9 +2,9 @@
 //! committed version.
 //!
 //! A watcher parks in the slot's watch list (`park.rs`, "Watchers"): a
-//! release that sees `WATCHED` in the lock word wakes one watcher, the
-//! *lead*, which wakes the rest when it runs. A commit on a key nobody
-//! watches pays nothing: its release CAS already compares the whole word.
+//! release that sees `WATCHED` in the lock word wakes the watchers parked
+//! there. A commit on a key nobody watches pays nothing: its release CAS
+//! already compares the whole word.
 
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
@@ -51,8 +51,7 @@ impl<T: Context> MemWatch<T> {
         cx: &mut TaskContext<'_>,
         after: u64,
     ) -> Poll<Result<Snapshot<T>>> {
-        // A completed wait (woken, or made the lead) is settled first: the
-        // lead wakes the other watchers before anything else.
+        // A completed wait (woken) is settled first.
         let state = self.waiter.state();
         if state != WAITING && state != IDLE {
             // SAFETY: the waiter is only ever linked by `watch` on this lock.
@@ -78,7 +77,7 @@ impl<T: Context> MemWatch<T> {
     }
 
     /// Leaves the watch list (a dropped `changed()` future, a returned
-    /// version): a watch nobody polls must not be made the lead.
+    /// version): a watch nobody polls should not cost releases a wake-up.
     pub(crate) fn cancel(&mut self) {
         if self.waiter.state() != IDLE {
             // SAFETY: the waiter is only ever linked by `watch` on this lock.
