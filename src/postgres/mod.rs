@@ -20,6 +20,9 @@
 //!   which never returns a connection with a transaction open or a request
 //!   in flight to the pool: it cancels the statement and closes the
 //!   connection, which makes Postgres release whatever the session held.
+//! * `watch.rs`: watching a context: the store's `LISTEN` connection,
+//!   started by the first watch, fanning notifications out to the
+//!   watches of each key, and `PgWatch`, one watch's re-reads.
 //! * `lease.rs`: `PgLease`, a held row lock (the connection with its
 //!   transaction open) that commits, or rolls back when dropped (the lease
 //!   convention of `crate::remote`).
@@ -29,6 +32,7 @@ mod conn;
 mod lease;
 mod schema;
 mod sql;
+mod watch;
 
 use std::fmt;
 use std::sync::Arc;
@@ -47,6 +51,7 @@ use sql::{json_text, row_version, Sql};
 use crate::context::ContextType;
 use crate::remote::{Gate, Gates};
 use crate::storage::{BoxFuture, ContextStorage, ErasedValue, RawGuard, RawSnapshot, Wait};
+use crate::watch::RawWatchStart;
 use crate::Result;
 
 /// Contexts stored in PostgreSQL, locked with row locks.
@@ -98,6 +103,22 @@ struct Inner {
     /// the same key queue here, not on pooled connections.
     gates: Arc<PgGates>,
     timeouts: ClientTimeouts,
+    /// For the watch listener's connection (its own, not pooled).
+    listen_config: tokio_postgres::Config,
+    /// The table has the `created` column watching needs (schema 2).
+    watchable: bool,
+    /// The watch listener, started by the first watch.
+    listener: std::sync::OnceLock<Arc<watch::Listener>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The last handle of the store (watches hold one) is gone: stop
+        // listening.
+        if let Some(listener) = self.listener.get() {
+            listener.stop();
+        }
+    }
 }
 
 /// The per-process per-key FIFO gates of one store (the shared gate of
@@ -541,6 +562,14 @@ impl ContextStorage for PostgresContextStorage {
 
     fn ids_raw(&self, ty: &'static ContextType) -> BoxFuture<'_, Result<Vec<Uuid>>> {
         Box::pin(self.ids(ty))
+    }
+
+    fn watch_raw(
+        &self,
+        ty: &'static ContextType,
+        id: Uuid,
+    ) -> BoxFuture<'_, Result<RawWatchStart>> {
+        Box::pin(self.watch(ty, id))
     }
 
     fn backend_name(&self) -> &'static str {

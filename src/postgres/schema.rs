@@ -8,7 +8,11 @@ use super::sql::quote;
 use crate::{ContextError, Result};
 
 /// Recorded as the table's comment; bumped by future schema migrations.
-const SCHEMA_VERSION: u32 = 1;
+///
+/// 1: the table and its sequence. 2: adds `created bigint DEFAULT
+/// nextval(<sequence>)`, the creation stamp watches tell incarnations of a
+/// key apart by (NULL on rows created before the migration).
+const SCHEMA_VERSION: u32 = 2;
 
 /// What exists of the schema: (table, sequence, table comment).
 async fn inspect_schema(client: &Object, table: &str) -> Result<(bool, bool, Option<String>)> {
@@ -34,11 +38,33 @@ fn schema_comment() -> String {
 /// (DDL and `COMMENT ON` need privileges it lacks). See
 /// [`crate::docs::postgres`] (*Schema and migrations*) for the migration
 /// path.
-pub(super) async fn ensure_schema(client: &Object, table: &str, create: bool) -> Result<()> {
+///
+/// Returns whether the table has the `created` column that watching needs
+/// (a table of schema 1 that this role may not alter keeps working for
+/// everything else).
+pub(super) async fn ensure_schema(client: &Object, table: &str, create: bool) -> Result<bool> {
     let seq = format!("{table}_version_seq");
     let (has_table, has_seq, comment) = inspect_schema(client, table).await?;
+    let mut has_created = false;
     if has_table {
-        check_columns(client, table).await?;
+        has_created = check_columns(client, table).await?;
+    }
+    if has_table && has_seq && !has_created && create {
+        // Schema 1 -> 2. Additive, so that processes of the previous
+        // release keep working; if this role may not, everything but
+        // watching still works.
+        match add_created(client, table).await {
+            Ok(()) => return Ok(true),
+            Err(e) => {
+                tracing::warn!(
+                    table,
+                    error = %e,
+                    "cannot add the `created` column: watching contexts is unavailable \
+                     until a role that may ALTER the table connects once"
+                );
+                return Ok(false);
+            }
+        }
     }
     if has_table && has_seq {
         if create && comment.as_deref() != Some(schema_comment().as_str()) {
@@ -52,7 +78,7 @@ pub(super) async fn ensure_schema(client: &Object, table: &str, create: bool) ->
                 tracing::debug!(table, error = %PgError(e), "cannot record the schema version comment");
             }
         }
-        return Ok(());
+        return Ok(has_created);
     }
     if !create {
         if !has_table {
@@ -104,6 +130,10 @@ pub(super) async fn ensure_schema(client: &Object, table: &str, create: bool) ->
                 .map_err(|e| schema_error(table, "create sequence", e))?;
         }
         client
+            .batch_execute(&created_ddl(table))
+            .await
+            .map_err(|e| schema_error(table, "add column created", e))?;
+        client
             .batch_execute(&format!(
                 "COMMENT ON TABLE {} IS '{}'",
                 quote(table),
@@ -120,7 +150,41 @@ pub(super) async fn ensure_schema(client: &Object, table: &str, create: bool) ->
     if migrated.is_err() {
         let _ = client.batch_execute("ROLLBACK").await;
     }
-    migrated
+    migrated.map(|()| true)
+}
+
+/// Adds the creation stamp (schema 2): a nullable column, so adding it is a
+/// catalog change only (no table rewrite), whose default draws from the
+/// sequence for every row inserted from then on, by any process (an older
+/// release's inserts, which do not name it, included). Setting a default
+/// leaves existing rows NULL. Idempotent.
+fn created_ddl(table: &str) -> String {
+    format!(
+        "ALTER TABLE {qt} ADD COLUMN IF NOT EXISTS created bigint; \
+         ALTER TABLE {qt} ALTER COLUMN created SET DEFAULT nextval('{qseq}');",
+        qt = quote(table),
+        qseq = quote(&format!("{table}_version_seq")),
+    )
+}
+
+/// Migrates an existing schema-1 table to schema 2 under the schema's
+/// advisory lock. `ALTER TABLE` needs the table's exclusive lock, which
+/// waits for running transactions (held guards) and blocks everyone queued
+/// behind it, so it gives up after 5 s (and the next `connect` tries again).
+async fn add_created(client: &Object, table: &str) -> Result<()> {
+    let sql = format!(
+        "BEGIN; SET LOCAL lock_timeout = '5s'; \
+         SELECT pg_advisory_xact_lock(hashtext('ctxstore schema {table}')); \
+         {ddl} COMMENT ON TABLE {qt} IS '{comment}'; COMMIT;",
+        ddl = created_ddl(table),
+        qt = quote(table),
+        comment = schema_comment(),
+    );
+    if let Err(e) = client.batch_execute(&sql).await {
+        let _ = client.batch_execute("ROLLBACK").await;
+        return Err(schema_error(table, "add column created", e));
+    }
+    Ok(())
 }
 
 fn schema_error(table: &str, what: &str, e: tokio_postgres::Error) -> ContextError {
@@ -130,8 +194,9 @@ fn schema_error(table: &str, what: &str, e: tokio_postgres::Error) -> ContextErr
     ))
 }
 
-/// Checks that `table` exists with the columns this backend uses.
-async fn check_columns(client: &Object, table: &str) -> Result<()> {
+/// Checks that `table` exists with the columns this backend uses; returns
+/// whether it also has the `created` column of schema 2.
+async fn check_columns(client: &Object, table: &str) -> Result<bool> {
     let rows = client
         .query(
             "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) \
@@ -156,5 +221,5 @@ async fn check_columns(client: &Object, table: &str) -> Result<()> {
             )));
         }
     }
-    Ok(())
+    Ok(columns.iter().any(|(n, t)| n == "created" && t == "bigint"))
 }
