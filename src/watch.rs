@@ -2,7 +2,7 @@
 //! and [`RawWatch`], what a backend implements to support it.
 
 use std::fmt;
-use std::future::poll_fn;
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll};
 
@@ -157,12 +157,16 @@ impl<T: Context> ContextWatch<T> {
     ///
     /// # Cancel safety
     /// Cancel-safe: dropping the future loses no update.
-    pub async fn changed(&mut self) -> Result<Snapshot<T>> {
-        poll_fn(|cx| self.poll_changed(cx)).await
+    pub fn changed(&mut self) -> impl Future<Output = Result<Snapshot<T>>> + Send + '_ {
+        Changed { watch: self }
     }
 
     /// The poll form of [`changed`](Self::changed), for hand-written
-    /// futures and streams.
+    /// futures and streams. After `Pending`, poll again or drop the watch
+    /// (or call [`cancel_wait`](Self::cancel_wait)): a waiting watch may
+    /// be handed the wake-up of the context's other watchers, which it
+    /// passes on when polled or dropped. `changed()`'s future does this
+    /// when it is dropped.
     pub fn poll_changed(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<Snapshot<T>>> {
         let ty = ContextType::of::<T>();
         if self.ended {
@@ -210,6 +214,37 @@ impl<T: Context> ContextWatch<T> {
 // Nothing in a watch is structurally pinned (the engine's waiter node is
 // boxed), so it can be polled through `&mut`.
 impl<T: Context> Unpin for ContextWatch<T> {}
+
+impl<T: Context> ContextWatch<T> {
+    /// Stops waiting (after a `poll_changed` that returned `Pending`):
+    /// leaves the context's wait list, passing on any wake-up it was
+    /// handed. Loses no update; the next call works as usual.
+    pub fn cancel_wait(&mut self) {
+        if let Source::Memory(watch) = &mut self.source {
+            watch.cancel();
+        }
+    }
+}
+
+/// The future of [`ContextWatch::changed`]: leaves the wait list when
+/// dropped.
+struct Changed<'a, T: Context> {
+    watch: &'a mut ContextWatch<T>,
+}
+
+impl<T: Context> Future for Changed<'_, T> {
+    type Output = Result<Snapshot<T>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        self.get_mut().watch.poll_changed(cx)
+    }
+}
+
+impl<T: Context> Drop for Changed<'_, T> {
+    fn drop(&mut self) {
+        self.watch.cancel_wait();
+    }
+}
 
 impl<T: Context> futures_core::Stream for ContextWatch<T> {
     type Item = Result<Snapshot<T>>;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use ctxstore::{
     BoxFuture, ContextStorage, ContextType, ErasedValue, InMemoryContextStorage, RawGuard,
-    RawSnapshot, Result, Uuid, Wait,
+    RawSnapshot, RawWatchStart, Result, Uuid, Wait,
 };
 
 mod direct {
@@ -72,6 +72,14 @@ impl ContextStorage for PassThrough {
         expected: u64,
     ) -> BoxFuture<'_, Result<()>> {
         self.0.delete_if_raw(ty, id, expected)
+    }
+
+    fn watch_raw(
+        &self,
+        ty: &'static ContextType,
+        id: Uuid,
+    ) -> BoxFuture<'_, Result<RawWatchStart>> {
+        self.0.watch_raw(ty, id)
     }
 
     fn contains_raw(&self, ty: &'static ContextType, id: Uuid) -> BoxFuture<'_, Result<bool>> {

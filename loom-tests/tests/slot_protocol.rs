@@ -731,3 +731,87 @@ fn woken_waiter_keeps_its_place() {
         assert_free(&slot);
     });
 }
+
+/// A watcher waiting for each newer version while two writers (one
+/// contending, so one release takes the queue path) commit: it is woken
+/// every time (a lost wake-up is a loom deadlock), sees versions only
+/// increase, and ends at the last one.
+#[test]
+fn watcher_never_misses_the_last_commit() {
+    check("watcher_never_misses_the_last_commit", || {
+        let slot = Slot::new(val(0, 0), 1);
+        let watcher = {
+            let slot = slot.clone();
+            thread::spawn(move || {
+                let mut w = slot.watch();
+                let mut last = 1;
+                while last < 3 {
+                    let v = block_on(w.changed(last)).expect("never deleted");
+                    assert!(v > last, "the watch went from {last} to {v}");
+                    last = v;
+                }
+            })
+        };
+        let writer = {
+            let slot = slot.clone();
+            thread::spawn(move || {
+                let locked = block_on(slot.lock()).expect("never deleted");
+                locked.store(val(1, 1)).expect("store");
+            })
+        };
+        let locked = slot.lock_blocking().expect("never deleted");
+        locked.store(val(2, 2)).expect("store");
+        writer.join().unwrap();
+        watcher.join().unwrap();
+        assert_free(&slot);
+    });
+}
+
+/// Two watchers and one commit: the release wakes one (the lead), which
+/// wakes the other, also when the lead's wait is cancelled instead of
+/// polled (its cancellation passes the wake-up on).
+#[test]
+fn the_lead_wakes_the_other_watchers() {
+    check("the_lead_wakes_the_other_watchers", || {
+        let slot = Slot::new(val(0, 0), 1);
+        // Linked before the commit, then cancelled while the commit runs:
+        // if the release made it the lead, the cancel passes the wake-up on.
+        let mut linked = slot.watch();
+        let flag = std::sync::Arc::new(Flag(std::sync::atomic::AtomicBool::new(false)));
+        let waker = Waker::from(flag.clone());
+        let polled = linked.poll(&mut TaskContext::from_waker(&waker), 1);
+        assert!(polled.is_pending());
+        let other = {
+            let slot = slot.clone();
+            thread::spawn(move || {
+                let mut w = slot.watch();
+                block_on(w.changed(1)).expect("never deleted")
+            })
+        };
+        let canceller = thread::spawn(move || linked.cancel());
+        let locked = slot.lock_blocking().expect("never deleted");
+        locked.store(val(1, 1)).expect("store");
+        assert_eq!(other.join().unwrap(), 2);
+        canceller.join().unwrap();
+        assert_free(&slot);
+    });
+}
+
+/// A watcher racing a delete ends with `NotFound` (never waits forever on
+/// a dead slot), whether it links before or after the kill.
+#[test]
+fn watch_racing_delete_ends_not_found() {
+    check("watch_racing_delete_ends_not_found", || {
+        let slot = Slot::new(val(0, 0), 1);
+        let watcher = {
+            let slot = slot.clone();
+            thread::spawn(move || {
+                let mut w = slot.watch();
+                block_on(w.changed(1))
+            })
+        };
+        slot.lock_blocking().expect("first").delete();
+        let got = watcher.join().unwrap();
+        assert!(got.is_err(), "a watch of a deleted slot returned {got:?}");
+    });
+}

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use super::park::Outcome;
 use super::slot::Slot as RawSlot;
-use super::{lock_slot_blocking, LockSlot, MemGuard};
+use super::{lock_slot_blocking, LockSlot, MemGuard, MemWatch};
 use crate::{Context, Result, Uuid};
 
 /// Chooses what a release does for the head waiter in the models run on
@@ -98,6 +98,18 @@ impl<T: Context> Slot<T> {
             Outcome::Busy => Err(Refused::Held),
             Outcome::Dead => Err(Refused::Dead),
         }
+    }
+
+    /// A watch on this slot (the engine's `MemWatch`, as
+    /// `watch_context` builds it).
+    pub fn watch(&self) -> Watch<T> {
+        // The models never drain a slot's limbo, so any collector will do
+        // for the watch's pins.
+        Watch(MemWatch::new(
+            Uuid::nil(),
+            self.0.clone(),
+            StdArc::new(seize::Collector::new()),
+        ))
     }
 
     /// The task path: the engine's `LockSlot` future.
@@ -228,5 +240,47 @@ impl<T: Context> Deref for Guard<T> {
 impl<T: Context> DerefMut for Guard<T> {
     fn deref_mut(&mut self) -> &mut T {
         &mut self.0
+    }
+}
+
+/// The engine's watch (`MemWatch`).
+pub struct Watch<T: Context>(MemWatch<T>);
+
+impl<T: Context> Watch<T> {
+    /// `MemWatch::poll_changed`: the version once it is above `after`,
+    /// `Err` once the slot is dead.
+    pub fn poll(&mut self, cx: &mut TaskContext<'_>, after: u64) -> Poll<Result<u64>> {
+        self.0
+            .poll_changed(cx, after)
+            .map(|r| r.map(|snap| snap.version()))
+    }
+
+    /// Waits for a version above `after`; leaves the watch list when the
+    /// future is dropped (as `ContextWatch::changed` does).
+    pub fn changed(&mut self, after: u64) -> Changed<'_, T> {
+        Changed(self, after)
+    }
+
+    /// Leaves the watch list (`MemWatch::cancel`).
+    pub fn cancel(&mut self) {
+        self.0.cancel()
+    }
+}
+
+/// The future of [`Watch::changed`].
+pub struct Changed<'a, T: Context>(&'a mut Watch<T>, u64);
+
+impl<T: Context> Future for Changed<'_, T> {
+    type Output = Result<u64>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        this.0.poll(cx, this.1)
+    }
+}
+
+impl<T: Context> Drop for Changed<'_, T> {
+    fn drop(&mut self) {
+        self.0.cancel();
     }
 }

@@ -100,6 +100,10 @@ impl Drop for InMemoryContextStorage {
             let keep = entry.clone();
             if entry.raw_lock().orphan() {
                 std::mem::forget(keep);
+            } else {
+                // Nobody holds it, and nobody can take it any more: end
+                // its watchers (they hold the slot, not the store).
+                entry.raw_lock().close();
             }
         });
     }

@@ -2,12 +2,14 @@
 //!
 //! # Implementation details
 //!
-//! The lock is one `AtomicU64` with three bits:
+//! The lock is one `AtomicU64` with these bits:
 //!
 //! * `LOCKED`: somebody owns the slot (a guard, a store or a delete);
 //! * `QUEUED`: the wait queue is not empty (changed only under the queue
 //!   mutex, together with the queue);
-//! * `DEAD`: the context was deleted; every acquisition fails from now on.
+//! * `DEAD`: the context was deleted; every acquisition fails from now on;
+//! * `ORPHAN`: the store was dropped while the lock was held;
+//! * `WATCHED`: somebody waits for a newer version (see "Watchers").
 //!
 //! Uncontended acquire is one CAS setting `LOCKED`; uncontended release is
 //! one CAS `LOCKED -> 0`. Neither touches the queue. The queue is touched
@@ -62,6 +64,33 @@
 //! woken but will not retry passes the wake-up on to the next waiter if the
 //! lock is free. So a wake-up is never lost and the lock never leaks.
 //!
+//! ## Watchers
+//!
+//! A second list behind a second mutex links the watchers of the slot
+//! (`memory::watch`): waiters for a *newer version*, not for the lock.
+//! `WATCHED` in the lock word says the list is not empty. The uncontended
+//! release CAS (`LOCKED -> 0`) fails when it is set, so a commit on a key
+//! nobody watches costs nothing more; a release that reads `WATCHED` in
+//! its RMW on the word wakes one watcher, the *lead* (`LEAD`), and the
+//! lead wakes every other linked watcher when it runs (or when its wait
+//! is cancelled): a release costs the same with one watcher or a
+//! thousand, and the fan-out runs on the watchers' time.
+//!
+//! No wake-up is lost: a watcher links itself and, if it is the first,
+//! sets `WATCHED` with an `AcqRel` CAS under the list's mutex, and only
+//! then re-reads the committed version. Every release is an RMW on the
+//! same word (one runs even on the hand-off path, where no bit changes),
+//! so the two are ordered in the word's modification order: either the
+//! release reads `WATCHED` and wakes, or the watcher's CAS reads the
+//! released word (`Acquire` on `Release`) and then sees the version
+//! published before it. A watcher joining a non-empty list relies on the
+//! one that set the bit, through the mutex. `kill` sets `DEAD` with an
+//! RMW as well (a plain store could be ordered before a watcher's CAS and
+//! lose the bit) and then wakes every watcher. The loom models
+//! `watcher_never_misses_the_last_commit`,
+//! `the_lead_wakes_the_other_watchers` and
+//! `watch_racing_delete_ends_not_found` check this.
+//!
 //! ## Orderings
 //!
 //! Data written by a holder must be visible to the next holder. Two paths
@@ -92,6 +121,9 @@ pub(crate) const DEAD: u64 = 4;
 /// The store was dropped while this lock was held: the holder's release
 /// must drop the reference the store left for it (see `RawLock::orphan`).
 pub(crate) const ORPHAN: u64 = 8;
+/// The watch list is not empty (changed only under the watch mutex,
+/// together with the list): a release must wake a watcher.
+pub(crate) const WATCHED: u64 = 16;
 
 /// A waiter's state. Transitions out of `WAITING` happen exactly once, under
 /// the queue mutex.
@@ -105,8 +137,11 @@ pub(crate) const CANCELLED: u8 = 3;
 /// A release freed the lock and woke this waiter, which left the queue: it
 /// must try to take the lock and re-queue (at the front) if it loses.
 pub(crate) const WOKEN: u8 = 4;
-/// Never queued yet.
+/// Never queued yet (or, for a watcher: not linked).
 pub(crate) const IDLE: u8 = 5;
+/// A watcher a release woke and unlinked, which now owes the wake-up to
+/// every other linked watcher (see [`RawLock::relay`]).
+pub(crate) const LEAD: u8 = 6;
 
 /// How long a queued waiter may be passed by newcomers before a release
 /// hands the lock to it directly (see the module docs); the default of
@@ -365,6 +400,10 @@ pub(crate) struct RawLock {
     // non-empty exactly when `QUEUED` is set (both changed under this
     // mutex).
     queue: Mutex<List>,
+    // Invariant: links exactly the `WAITING` watchers (see the module docs,
+    // "Watchers"); non-empty exactly when `WATCHED` is set (both changed
+    // under this mutex, or by `kill`, which holds it).
+    watchers: Mutex<List>,
 }
 
 impl RawLock {
@@ -372,6 +411,7 @@ impl RawLock {
         Self {
             state: AtomicU64::new(0),
             queue: Mutex::new(List::new()),
+            watchers: Mutex::new(List::new()),
         }
     }
 
@@ -553,16 +593,42 @@ impl RawLock {
             // The store is gone, and with it every way to wait for this
             // lock: nobody else will touch it. Relaxed: no one reads it.
             self.state.store(LOCKED | DEAD | ORPHAN, Ordering::Relaxed);
+            // Watchers hold the slot, not the store: they end here.
+            self.wake_all_watchers();
             return true;
         }
+        // The word each path below leaves behind, as its RMW read it: if
+        // it shows WATCHED, a watcher linked before this release, which
+        // must be woken. (One that sets WATCHED after this RMW reads the
+        // released word with Acquire and sees the new version itself.)
+        let mut s = self.state.load(Ordering::Relaxed);
+        // Nobody queued (the fast path failed on WATCHED): free the lock
+        // without the queue mutex. A waiter queueing meanwhile sets QUEUED
+        // with a CAS, which makes this one fail and take the queue path.
+        while s & QUEUED == 0 {
+            // Release: pairs with the next acquirer's Acquire CAS, and with
+            // the Acquire CAS of a watcher that sets WATCHED after this.
+            match self
+                .state
+                .compare_exchange(s, s & !LOCKED, Ordering::Release, Ordering::Relaxed)
+            {
+                Ok(_) => {
+                    if s & WATCHED != 0 {
+                        self.wake_a_watcher();
+                    }
+                    return false;
+                }
+                Err(actual) => s = actual,
+            }
+        }
         let mut queue = self.queue.lock();
-        let wake = match queue.front() {
+        let (wake, before) = match queue.front() {
             None => {
                 // Nobody is left (they cancelled): free the lock, keeping
                 // DEAD if set. Release: pairs with the next acquirer's
-                // Acquire CAS.
-                self.state.fetch_and(!(LOCKED | QUEUED), Ordering::Release);
-                Wake::Nobody
+                // Acquire CAS (and a later watcher's, as above).
+                let before = self.state.fetch_and(!(LOCKED | QUEUED), Ordering::Release);
+                (Wake::Nobody, before)
             }
             Some(head) => {
                 // SAFETY: linked in our queue, whose mutex we hold.
@@ -571,27 +637,31 @@ impl RawLock {
                 unsafe { queue.remove(head) };
                 let last = queue.is_empty();
                 if due {
-                    if last {
-                        // Relaxed: QUEUED is only read by CASes that are
-                        // ordered with this one by the queue mutex or by
-                        // coherence of the lock word.
-                        self.state.fetch_and(!QUEUED, Ordering::Relaxed);
-                    }
-                    // LOCKED stays set: ownership moves to the head.
+                    // LOCKED stays set: ownership moves to the head. The
+                    // RMW runs even when no bit changes, so that the
+                    // watchers check reads the word in its modification
+                    // order. Release: pairs with the Acquire CAS of a
+                    // watcher that sets WATCHED after it (the grant itself
+                    // is published through the waiter's state).
+                    let clear = if last { QUEUED } else { 0 };
+                    let before = self.state.fetch_and(!clear, Ordering::Release);
                     // SAFETY: unlinked just now, under the mutex.
-                    unsafe { complete(head, GRANTED) }
+                    (unsafe { complete(head, GRANTED) }, before)
                 } else {
                     let clear = if last { LOCKED | QUEUED } else { LOCKED };
                     // Free the lock; the head competes for it. Release:
                     // pairs with the Acquire CAS of whoever takes it next.
-                    self.state.fetch_and(!clear, Ordering::Release);
+                    let before = self.state.fetch_and(!clear, Ordering::Release);
                     // SAFETY: unlinked just now, under the mutex.
-                    unsafe { complete(head, WOKEN) }
+                    (unsafe { complete(head, WOKEN) }, before)
                 }
             }
         };
         drop(queue);
         wake.wake();
+        if before & WATCHED != 0 {
+            self.wake_a_watcher();
+        }
         false
     }
 
@@ -663,9 +733,12 @@ impl RawLock {
     pub(crate) fn kill(&self) {
         const BATCH: usize = 16;
         let mut queue = self.queue.lock();
-        // Release: a later acquirer that reads DEAD (with Acquire or under
-        // the mutex) sees everything the deleting holder did.
-        self.state.store(LOCKED | DEAD, Ordering::Release);
+        // Release: a later acquirer or watcher that reads DEAD (with
+        // Acquire or under a mutex) sees everything the deleting holder
+        // did. An RMW, not a store: a watcher's CAS setting WATCHED may
+        // land just before it, and must not be overwritten (the loom model
+        // `watch_racing_delete_ends_not_found` caught exactly that).
+        self.state.fetch_or(DEAD, Ordering::Release);
         // The common case (nobody waits) builds no batch.
         while !queue.is_empty() {
             let mut wakes: [Wake; BATCH] = std::array::from_fn(|_| Wake::Nobody);
@@ -683,6 +756,204 @@ impl RawLock {
             }
             queue = self.queue.lock();
         }
+        // Relaxed: no waiter can queue on a dead lock; ordered with the
+        // other QUEUED changes by this mutex.
+        self.state.fetch_and(!QUEUED, Ordering::Relaxed);
+        drop(queue);
+        // Every watcher must now learn that the context is gone.
+        self.wake_all_watchers();
+    }
+
+    // ------------------------------------------------------------ watchers
+
+    /// Links `w` in the watch list with `waker` (or, if it is still linked,
+    /// replaces its waker). `Dead`: the context is gone (`w` not linked).
+    /// Otherwise `Busy` (linked): the caller must re-read the committed
+    /// version *after* this returns, and a release that publishes later
+    /// will wake it (or a watcher it woke will).
+    ///
+    /// # Safety
+    /// `w` is pinned, linked in no other list (only ever by this method on
+    /// this lock), and stays alive until it is unlinked (by
+    /// [`unwatch`](Self::unwatch) or a completion).
+    pub(crate) unsafe fn watch(&self, w: &Waiter, waker: &Waker) -> Outcome {
+        let mut list = self.watchers.lock();
+        // Relaxed: every state change of a watcher happens under this mutex.
+        match w.state.load(Ordering::Relaxed) {
+            WAITING => {
+                // Still linked (a re-poll): refresh the waker.
+                // SAFETY: linked in our list, whose mutex we hold.
+                unsafe {
+                    w.with_node(|n| match &n.notify {
+                        Notify::Waker(old) if old.will_wake(waker) => {}
+                        _ => n.notify = Notify::Waker(waker.clone()),
+                    })
+                };
+                return Outcome::Busy;
+            }
+            LEAD => {
+                // Made the lead since the caller looked: serve the duty
+                // first (the relay takes the mutex), then link again.
+                drop(list);
+                self.relay();
+                list = self.watchers.lock();
+            }
+            _ => {}
+        }
+        // Acquire: a kill's DEAD store (see `kill`, which drains the list
+        // after it under this mutex).
+        let mut s = self.state.load(Ordering::Acquire);
+        if s & DEAD != 0 {
+            // Relaxed: unlinked; the owner's alone.
+            w.state.store(IDLE, Ordering::Relaxed);
+            return Outcome::Dead;
+        }
+        if list.is_empty() {
+            loop {
+                // AcqRel. Acquire: if this CAS comes after a release's RMW
+                // in the word's modification order, it reads that release
+                // (or a later RMW of its release sequence) and the caller's
+                // next read sees the version it published. Release: orders
+                // nothing the releasers need; kept so that the CAS is one
+                // RMW in the order every release reads. The other case (a
+                // release's RMW after this CAS) reads WATCHED and wakes.
+                match self.state.compare_exchange(
+                    s,
+                    s | WATCHED,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => break,
+                    Err(actual) if actual & DEAD != 0 => {
+                        // Relaxed: as above.
+                        w.state.store(IDLE, Ordering::Relaxed);
+                        return Outcome::Dead;
+                    }
+                    Err(actual) => s = actual,
+                }
+            }
+        }
+        // SAFETY: by the caller's contract; we hold the mutex.
+        unsafe {
+            w.with_node(|n| n.notify = Notify::Waker(waker.clone()));
+            list.push_back(w);
+        }
+        // Relaxed: read by the owner under this mutex, or after the Release
+        // store of the completion that ends this wait.
+        w.state.store(WAITING, Ordering::Relaxed);
+        Outcome::Busy
+    }
+
+    /// Takes `w` out of the watch list if it is linked, and serves the
+    /// wake-up it owes if a release made it the lead. Afterwards `w` is
+    /// unlinked and `IDLE`.
+    ///
+    /// # Safety
+    /// `w` was only ever linked by [`watch`](Self::watch) on this lock.
+    pub(crate) unsafe fn unwatch(&self, w: &Waiter) {
+        // Acquire: pairs with the Release store in `complete`, so a
+        // completed state is final and the completer is done with `w`.
+        match w.state.load(Ordering::Acquire) {
+            LEAD => self.relay(),
+            WAITING => {
+                let mut list = self.watchers.lock();
+                // Relaxed: under the mutex, where every transition happens.
+                match w.state.load(Ordering::Relaxed) {
+                    WAITING => {
+                        // SAFETY: a WAITING watcher is linked in this list.
+                        unsafe { list.remove(w) };
+                        if list.is_empty() {
+                            // Relaxed: WATCHED is only read by RMWs ordered
+                            // with this one by coherence of the lock word;
+                            // a release that still sees it finds an empty
+                            // list under the mutex and wakes nobody.
+                            self.state.fetch_and(!WATCHED, Ordering::Relaxed);
+                        }
+                    }
+                    LEAD => {
+                        drop(list);
+                        self.relay();
+                    }
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+        // Relaxed: unlinked; the owner's alone.
+        w.state.store(IDLE, Ordering::Relaxed);
+        #[cfg(any(debug_assertions, ctxstore_loom))]
+        assert!(
+            !self.watchers.lock().links(w),
+            "an unwatched watcher is still linked"
+        );
+    }
+
+    /// A release saw `WATCHED`: wake one watcher, the *lead*, which wakes
+    /// the others ([`relay`](Self::relay)) when it runs, so a release
+    /// costs the same with one watcher or a thousand.
+    #[cold]
+    fn wake_a_watcher(&self) {
+        let mut list = self.watchers.lock();
+        // SAFETY: we hold the mutex.
+        let wake = match unsafe { list.pop_front() } {
+            Some(w) => {
+                if list.is_empty() {
+                    // Relaxed: see `unwatch`.
+                    self.state.fetch_and(!WATCHED, Ordering::Relaxed);
+                }
+                // SAFETY: unlinked just now, under the mutex.
+                unsafe { complete(w, LEAD) }
+            }
+            None => Wake::Nobody,
+        };
+        drop(list);
+        wake.wake();
+    }
+
+    /// The lead's duty: wakes every watcher linked now (a version newer
+    /// than what each waits for may exist). Wakes in batches outside the
+    /// mutex, without allocating.
+    pub(crate) fn relay(&self) {
+        self.wake_watchers(WOKEN);
+    }
+
+    /// Wakes every watcher (the context is gone, or its store).
+    fn wake_all_watchers(&self) {
+        self.wake_watchers(WOKEN);
+    }
+
+    /// Completes every linked watcher with `to` and wakes it.
+    fn wake_watchers(&self, to: u8) {
+        const BATCH: usize = 16;
+        let mut list = self.watchers.lock();
+        while !list.is_empty() {
+            let mut wakes: [Wake; BATCH] = std::array::from_fn(|_| Wake::Nobody);
+            for wake in &mut wakes {
+                // SAFETY: we hold the mutex.
+                let Some(w) = (unsafe { list.pop_front() }) else {
+                    break;
+                };
+                // SAFETY: unlinked just now, under the mutex.
+                *wake = unsafe { complete(w, to) };
+            }
+            if list.is_empty() {
+                // Relaxed: see `unwatch`.
+                self.state.fetch_and(!WATCHED, Ordering::Relaxed);
+            }
+            drop(list);
+            for wake in wakes {
+                wake.wake();
+            }
+            list = self.watchers.lock();
+        }
+    }
+
+    /// The store is being dropped and nobody holds this lock: mark it dead
+    /// (nobody can take it any more) and end its watchers.
+    pub(crate) fn close(&self) {
+        // Release: pairs with the Acquire load in `watch`.
+        self.state.fetch_or(DEAD, Ordering::Release);
+        self.wake_all_watchers();
     }
 
     /// Whether the context was deleted.

@@ -93,6 +93,14 @@ macro_rules! conformance_tests {
             optimistic_increments_are_exact,
             optimistic_returns_result_and_not_found,
             create_once_race_succeeds_exactly_once,
+            watch_first_returns_current_and_unknown_is_not_found,
+            watch_sees_increasing_versions_then_not_found,
+            slow_watcher_gets_only_the_newest,
+            rollback_and_refused_writes_show_no_new_version,
+            watch_does_not_follow_a_recreated_context,
+            dropped_changed_future_loses_no_update,
+            many_watchers_all_reach_the_final_version,
+            watch_wakes_on_every_kind_of_write,
         );
     };
     (@cases $factory:path; $($case:ident),* $(,)?) => {
@@ -857,4 +865,300 @@ pub async fn create_once_race_succeeds_exactly_once(s: Store) {
     }
     assert_eq!(won.len(), 1, "create-once succeeded {} times", won.len());
     assert_eq!(state(&s, id).await.1, won[0]);
+}
+
+// ------------------------------------------------------------------ watch
+
+/// How long a watcher is given to show a version that must not exist.
+const QUIET: Duration = Duration::from_millis(300);
+
+/// `changed()` must not return within [`QUIET`] (nothing new was committed).
+async fn assert_quiet(w: &mut ctxstore::ContextWatch<ConfJob>, what: &str) {
+    if let Ok(got) = tokio::time::timeout(QUIET, w.changed()).await {
+        panic!("{what}: changed() returned {got:?} with no new commit");
+    }
+}
+
+/// `changed()` returns within the hang guard. The deadline is checked
+/// *before* the watch is polled (`biased`): `tokio::time::timeout` polls
+/// the inner future first when its timer fires, and that poll would find
+/// the new version even if no wake-up ever came.
+async fn next(
+    w: &mut ctxstore::ContextWatch<ConfJob>,
+) -> ctxstore::Result<ctxstore::Snapshot<ConfJob>> {
+    tokio::select! {
+        biased;
+        _ = tokio::time::sleep(Duration::from_secs(20)) => panic!("changed() was not woken within 20 s"),
+        got = w.changed() => got,
+    }
+}
+
+pub async fn watch_first_returns_current_and_unknown_is_not_found(s: Store) {
+    let id = Uuid::new_v4();
+    let e = s.watch_context::<ConfJob>(id).await.unwrap_err();
+    assert!(e.is_not_found(), "{e}");
+    assert_eq!(e.id(), Some(id));
+    let v = s.store_context(id, job("w", 7)).await.unwrap();
+    let mut w = s.watch_context::<ConfJob>(id).await.unwrap();
+    assert_eq!(w.id(), id);
+    // A commit after the watch began: the first call still returns the
+    // version current at watch time, the second this one.
+    let v2 = s.store_context(id, job("w", 8)).await.unwrap();
+    let first = next(&mut w).await.unwrap();
+    assert_eq!((first.n, first.version()), (7, v));
+    let second = next(&mut w).await.unwrap();
+    assert_eq!((second.n, second.version()), (8, v2));
+    assert_eq!(w.last_version(), v2);
+    assert_quiet(&mut w, "after the last commit").await;
+}
+
+pub async fn watch_sees_increasing_versions_then_not_found(s: Store) {
+    let id = Uuid::new_v4();
+    s.store_context(id, job("w", 0)).await.unwrap();
+    let mut w = s.watch_context::<ConfJob>(id).await.unwrap();
+    const N: u64 = 60;
+    let writer = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            for _ in 0..N {
+                s.update_context(id, |c: &mut ConfJob| c.n += 1)
+                    .await
+                    .unwrap();
+            }
+            s.get_context_snapshot::<ConfJob>(id)
+                .await
+                .unwrap()
+                .version()
+        })
+    };
+    // The watch is Send + 'static: it runs in a task of its own.
+    let watcher = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        loop {
+            let snap = next(&mut w).await.unwrap();
+            seen.push((snap.version(), snap.n));
+            if snap.n == N {
+                return (w, seen);
+            }
+        }
+    });
+    let last = writer.await.unwrap();
+    let (mut w, seen) = watcher.await.unwrap();
+    for pair in seen.windows(2) {
+        assert!(pair[1].0 > pair[0].0, "versions went {:?}", pair);
+        assert!(pair[1].1 > pair[0].1, "values went {:?}", pair);
+    }
+    assert_eq!(seen.last().unwrap().0, last);
+    assert_quiet(&mut w, "after the writer stopped").await;
+    s.delete_context::<ConfJob>(id).await.unwrap();
+    for _ in 0..2 {
+        let e = next(&mut w).await.unwrap_err();
+        assert!(e.is_not_found(), "{e}");
+        assert_eq!(e.id(), Some(id));
+    }
+}
+
+pub async fn slow_watcher_gets_only_the_newest(s: Store) {
+    let id = Uuid::new_v4();
+    s.store_context(id, job("w", 0)).await.unwrap();
+    let mut w = s.watch_context::<ConfJob>(id).await.unwrap();
+    next(&mut w).await.unwrap();
+    let mut last = 0;
+    for i in 1..=5 {
+        last = s.store_context(id, job("w", i)).await.unwrap();
+    }
+    let snap = next(&mut w).await.unwrap();
+    assert_eq!((snap.n, snap.version()), (5, last));
+    assert_quiet(&mut w, "the skipped versions must not follow").await;
+}
+
+pub async fn rollback_and_refused_writes_show_no_new_version(s: Store) {
+    let id = Uuid::new_v4();
+    let v0 = s.store_context(id, job("w", 0)).await.unwrap();
+    let mut w = s.watch_context::<ConfJob>(id).await.unwrap();
+    next(&mut w).await.unwrap();
+    // A guard dropped without commit, one rolled back explicitly.
+    {
+        let mut g = s.get_context::<ConfJob>(id).await.unwrap();
+        g.n = 99;
+    }
+    let mut g = s.get_context::<ConfJob>(id).await.unwrap();
+    g.n = 98;
+    g.rollback();
+    // Refused conditional writes and a panicking update.
+    let e = s
+        .store_context_if(id, v0 + 1000, job("w", 97))
+        .await
+        .unwrap_err();
+    assert!(e.is_conflict(), "{e}");
+    let e = s
+        .delete_context_if::<ConfJob>(id, v0 + 1000)
+        .await
+        .unwrap_err();
+    assert!(e.is_conflict(), "{e}");
+    let e = s.store_context_if(id, 0, job("w", 96)).await.unwrap_err();
+    assert!(e.is_conflict(), "{e}");
+    assert_quiet(&mut w, "after rollbacks and refused writes").await;
+    let v1 = s.store_context_if(id, v0, job("w", 1)).await.unwrap();
+    let snap = next(&mut w).await.unwrap();
+    assert_eq!((snap.n, snap.version()), (1, v1));
+}
+
+pub async fn watch_does_not_follow_a_recreated_context(s: Store) {
+    let id = Uuid::new_v4();
+    s.store_context(id, job("old", 0)).await.unwrap();
+    let mut w = s.watch_context::<ConfJob>(id).await.unwrap();
+    next(&mut w).await.unwrap();
+    s.delete_context::<ConfJob>(id).await.unwrap();
+    s.store_context(id, job("new", 1)).await.unwrap();
+    s.store_context(id, job("new", 2)).await.unwrap();
+    let e = next(&mut w).await.unwrap_err();
+    assert!(e.is_not_found(), "{e}");
+    let e = next(&mut w).await.unwrap_err();
+    assert!(e.is_not_found(), "{e}");
+    // A new watch follows the new context.
+    let mut fresh = s.watch_context::<ConfJob>(id).await.unwrap();
+    assert_eq!(next(&mut fresh).await.unwrap().name, "new");
+}
+
+pub async fn dropped_changed_future_loses_no_update(s: Store) {
+    let id = Uuid::new_v4();
+    s.store_context(id, job("w", 0)).await.unwrap();
+    let mut w = s.watch_context::<ConfJob>(id).await.unwrap();
+    next(&mut w).await.unwrap();
+    for round in 1..=3u64 {
+        // Cancel a waiting call (it has registered for a wake-up)...
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), w.changed())
+                .await
+                .is_err(),
+            "nothing was committed yet"
+        );
+        // ...then commit: the next call still sees it.
+        let v = s.store_context(id, job("w", round)).await.unwrap();
+        let snap = next(&mut w).await.unwrap();
+        assert_eq!((snap.n, snap.version()), (round, v));
+    }
+}
+
+pub async fn many_watchers_all_reach_the_final_version(s: Store) {
+    let id = Uuid::new_v4();
+    s.store_context(id, job("w", 0)).await.unwrap();
+    const WATCHERS: usize = 24;
+    const N: u64 = 40;
+    let ready = Arc::new(tokio::sync::Barrier::new(WATCHERS + 1));
+    let mut watchers = Vec::new();
+    for _ in 0..WATCHERS {
+        let s = s.clone();
+        let ready = ready.clone();
+        watchers.push(tokio::spawn(async move {
+            let mut w = s.watch_context::<ConfJob>(id).await.unwrap();
+            ready.wait().await;
+            let mut last = (0, 0);
+            loop {
+                let snap = next(&mut w).await.unwrap();
+                assert!(snap.version() > last.0);
+                assert!(snap.n >= last.1);
+                last = (snap.version(), snap.n);
+                if snap.n == N {
+                    return last.0;
+                }
+            }
+        }));
+    }
+    ready.wait().await;
+    for _ in 0..N {
+        s.update_context(id, |c: &mut ConfJob| c.n += 1)
+            .await
+            .unwrap();
+    }
+    let last = s
+        .get_context_snapshot::<ConfJob>(id)
+        .await
+        .unwrap()
+        .version();
+    for w in watchers {
+        assert_eq!(w.await.unwrap(), last);
+    }
+}
+
+pub async fn watch_wakes_on_every_kind_of_write(s: Store) {
+    let id = Uuid::new_v4();
+    let v0 = s.store_context(id, job("w", 0)).await.unwrap();
+    let mut w = s.watch_context::<ConfJob>(id).await.unwrap();
+    next(&mut w).await.unwrap();
+    // Each write happens while the watcher is already waiting.
+    type Write = Box<dyn FnOnce(Store, u64) -> BoxFut + Send>;
+    type BoxFut = std::pin::Pin<Box<dyn std::future::Future<Output = u64> + Send>>;
+    let writes: Vec<(&str, Write)> = vec![
+        (
+            "store_context",
+            Box::new(move |s, _| {
+                Box::pin(async move { s.store_context(id, job("w", 1)).await.unwrap() })
+            }),
+        ),
+        (
+            "guard commit",
+            Box::new(move |s, _| {
+                Box::pin(async move {
+                    let mut g = s.get_context::<ConfJob>(id).await.unwrap();
+                    g.n = 2;
+                    g.commit().await.unwrap()
+                })
+            }),
+        ),
+        (
+            "update_context",
+            Box::new(move |s, _| {
+                Box::pin(async move {
+                    s.update_context(id, |c: &mut ConfJob| c.n = 3)
+                        .await
+                        .unwrap();
+                    s.get_context_snapshot::<ConfJob>(id)
+                        .await
+                        .unwrap()
+                        .version()
+                })
+            }),
+        ),
+        (
+            "store_context_if",
+            Box::new(move |s, v| {
+                Box::pin(async move { s.store_context_if(id, v, job("w", 4)).await.unwrap() })
+            }),
+        ),
+        (
+            "update_context_optimistic",
+            Box::new(move |s, _| {
+                Box::pin(async move {
+                    s.update_context_optimistic(id, |c: &mut ConfJob| c.n = 5)
+                        .await
+                        .unwrap();
+                    s.get_context_snapshot::<ConfJob>(id)
+                        .await
+                        .unwrap()
+                        .version()
+                })
+            }),
+        ),
+    ];
+    let mut version = v0;
+    for (n, (what, write)) in (1u64..).zip(writes) {
+        let waiting = tokio::spawn(async move {
+            let got = next(&mut w).await;
+            (w, got)
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        version = write(s.clone(), version).await;
+        let (back, got) = waiting.await.unwrap();
+        w = back;
+        let snap = got.unwrap();
+        assert_eq!((snap.n, snap.version()), (n, version), "after {what}");
+    }
+    // A conditional delete ends the watch too.
+    let waiting = tokio::spawn(async move { next(&mut w).await });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    s.delete_context_if::<ConfJob>(id, version).await.unwrap();
+    let e = waiting.await.unwrap().unwrap_err();
+    assert!(e.is_not_found(), "{e}");
 }
