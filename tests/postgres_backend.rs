@@ -767,6 +767,10 @@ async fn issue15_a_least_privilege_role_connects_to_an_existing_table() {
         .unwrap();
         let app_url = url().replacen("postgres@", &format!("{role}@"), 1);
         assert_ne!(app_url, url(), "the test URL must name the user postgres");
+        // A watcher with full rights (the owner's store).
+        let owner = store_on(&table).await;
+        let mut w = owner.watch_context::<Job>(id).await.unwrap();
+        assert_eq!(next(&mut w).await.unwrap().n, 1);
         let result = async {
             // The default create_schema(true) must not need ownership.
             let s = PostgresContextStorage::builder(&app_url)
@@ -777,16 +781,25 @@ async fn issue15_a_least_privilege_role_connects_to_an_existing_table() {
             let fresh = Uuid::new_v4();
             s.store_context(fresh, job(5)).await?;
             s.delete_context::<Job>(fresh).await?;
+            // No rights on the watch registry: this role cannot watch...
+            let e = s.watch_context::<Job>(id).await.unwrap_err();
+            assert!(e.is_backend() && e.to_string().contains("registry"), "{e}");
             s.get_context_snapshot::<Job>(id).await.map(|snap| snap.n)
         }
         .await;
+        // ...but its writes still wake the watchers of other roles (it
+        // notifies on every write).
+        let seen = next(&mut w).await.map(|snap| snap.n);
+        drop(w);
+        drop(owner);
         c.batch_execute(&format!(
-            "DROP TABLE {table}; DROP SEQUENCE {table}_version_seq; \
+            "DROP TABLE {table}; DROP TABLE {table}_watch; DROP SEQUENCE {table}_version_seq; \
              DROP OWNED BY {role}; DROP ROLE {role}"
         ))
         .await
         .unwrap();
         assert_eq!(result.unwrap(), 2);
+        assert_eq!(seen.unwrap(), 2);
     })
     .await
 }
@@ -1209,10 +1222,10 @@ async fn watch_reports_no_version_for_rollbacks_and_refused_conditional_writes()
     .await
 }
 
-/// The pid of the store's listening session, once it is listening.
+/// The pid of the store's listening session (by its application name).
 async fn listener_pid(c: &tokio_postgres::Client, table: &str) -> Option<i32> {
     c.query_opt(
-        "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND query LIKE 'LISTEN%'",
+        "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
         &[&format!("ctxstore:{table}:listen")],
     )
     .await
@@ -1297,6 +1310,16 @@ async fn watch_recovers_when_its_listening_connection_is_killed() {
             }
         };
         assert_eq!((snap.n, snap.version()), (3, v3));
+        // The key is registered by the new session only: the old
+        // session's row was purged when the new one set up.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while registered(&c, &table, id).await != vec![new_pid] {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "registry not moved over"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         // The outage was reported (once per failure, to every watch).
         assert!(errors >= 1, "the lost connection was never reported");
         // A watch begun after the outage reports nothing of it.
@@ -1345,7 +1368,7 @@ async fn watch_works_on_a_schema_1_table_after_the_migration() {
             .await
             .unwrap()
             .get(0);
-        assert_eq!(comment, "ctxstore contexts, schema 2");
+        assert_eq!(comment, "ctxstore contexts, schema 3");
         // The old row (no creation stamp) is watched...
         let mut w = s.watch_context::<Job>(id).await.unwrap();
         assert_eq!(next(&mut w).await.unwrap().version(), 5);
@@ -1377,6 +1400,259 @@ async fn watch_works_on_a_schema_1_table_after_the_migration() {
             .unwrap()
             .get(0);
         assert!(stamped.is_some());
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------
+// The watch registry: writers notify only for watched keys.
+// ---------------------------------------------------------------------
+
+/// A raw connection that `LISTEN`s on the table's channel; the payloads
+/// of its notifications arrive on the returned channel.
+async fn raw_listener(
+    table: &str,
+) -> (
+    tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    let (client, mut conn) = tokio_postgres::connect(&url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(message)) = std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                let _ = tx.send(n.payload().to_owned());
+            }
+        }
+    });
+    client
+        .batch_execute(&format!("LISTEN \"ctxstore.{table}\""))
+        .await
+        .unwrap();
+    (client, rx)
+}
+
+/// The notifications that arrive within `ms`.
+async fn arriving(rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>, ms: u64) -> Vec<String> {
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(ms);
+    while let Ok(Some(p)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+        got.push(p);
+    }
+    got
+}
+
+/// The pids registered for `id` in the table's watch registry.
+async fn registered(c: &tokio_postgres::Client, table: &str, id: Uuid) -> Vec<i32> {
+    c.query(
+        &format!("SELECT pid FROM {table}_watch WHERE kind = $1 AND id = $2 ORDER BY pid"),
+        &[&Job::kind(), &id],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_registry_writers_notify_only_for_watched_keys() {
+    guarded(async {
+        let table = fresh_table();
+        let s = store_on(&table).await;
+        let writer = store_on(&table).await;
+        let c = client().await;
+        let (_listening, mut rx) = raw_listener(&table).await;
+        let (watched, unwatched) = (Uuid::new_v4(), Uuid::new_v4());
+        writer.store_context(watched, job(1)).await.unwrap();
+        let v = writer.store_context(unwatched, job(1)).await.unwrap();
+        // Nobody watches yet: no writer notified.
+        assert_eq!(arriving(&mut rx, 300).await, Vec::<String>::new());
+
+        let mut w = s.watch_context::<Job>(watched).await.unwrap();
+        assert_eq!(next(&mut w).await.unwrap().n, 1);
+        let pid = listener_pid(&c, &table).await.expect("a listening session");
+        assert_eq!(registered(&c, &table, watched).await, vec![pid]);
+        assert_eq!(registered(&c, &table, unwatched).await, Vec::<i32>::new());
+
+        // Every kind of write on the unwatched key: nothing arrives.
+        let v = writer.store_context_if(unwatched, v, job(2)).await.unwrap();
+        writer
+            .update_context(unwatched, |j: &mut Job| j.n += 1)
+            .await
+            .unwrap();
+        writer.store_context(unwatched, job(4)).await.unwrap();
+        let e = writer.store_context_if(unwatched, v, job(5)).await;
+        assert!(e.unwrap_err().is_conflict());
+        writer.delete_context::<Job>(unwatched).await.unwrap();
+        writer.store_context_if(unwatched, 0, job(6)).await.unwrap();
+        assert_eq!(arriving(&mut rx, 300).await, Vec::<String>::new());
+
+        // A write on the watched key arrives, once per commit.
+        let payload = format!("{watched} {}", Job::kind());
+        let v = writer.store_context(watched, job(2)).await.unwrap();
+        assert_eq!(arriving(&mut rx, 300).await, vec![payload.clone()]);
+        assert_eq!(next(&mut w).await.unwrap().version(), v);
+        // A refused conditional write on it sends nothing.
+        let e = writer.store_context_if(watched, v + 1, job(3)).await;
+        assert!(e.unwrap_err().is_conflict());
+        let e = writer.delete_context_if::<Job>(watched, v + 1).await;
+        assert!(e.unwrap_err().is_conflict());
+        assert_eq!(arriving(&mut rx, 300).await, Vec::<String>::new());
+        // A guard's commit, a conditional write, a delete: one each.
+        writer
+            .update_context(watched, |j: &mut Job| j.n += 1)
+            .await
+            .unwrap();
+        let v = writer.get_context_snapshot::<Job>(watched).await.unwrap();
+        writer
+            .store_context_if(watched, v.version(), job(9))
+            .await
+            .unwrap();
+        assert_eq!(arriving(&mut rx, 300).await, vec![payload.clone(); 2]);
+
+        // A second watch of the key in this store shares the row; the
+        // last one gone deletes it, and writers stop notifying.
+        let mut w2 = s.watch_context::<Job>(watched).await.unwrap();
+        assert_eq!(next(&mut w2).await.unwrap().n, 9);
+        assert_eq!(registered(&c, &table, watched).await, vec![pid]);
+        drop(w);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(registered(&c, &table, watched).await, vec![pid]);
+        drop(w2);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !registered(&c, &table, watched).await.is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "row not deleted");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        writer.store_context(watched, job(10)).await.unwrap();
+        writer.delete_context::<Job>(watched).await.unwrap();
+        assert_eq!(arriving(&mut rx, 300).await, Vec::<String>::new());
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_registry_rows_of_dead_sessions_are_purged_when_a_listener_starts() {
+    guarded(async {
+        let table = fresh_table();
+        let s = store_on(&table).await;
+        let c = client().await;
+        // A session that registered a key and died without cleaning up.
+        let dead: i32 = {
+            let gone = client().await;
+            let pid = gone
+                .query_one("SELECT pg_backend_pid()", &[])
+                .await
+                .unwrap()
+                .get(0);
+            drop(gone);
+            pid
+        };
+        while c
+            .query_opt("SELECT 1 FROM pg_stat_activity WHERE pid = $1", &[&dead])
+            .await
+            .unwrap()
+            .is_some()
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let alive: i32 = c
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let (stale, other) = (Uuid::new_v4(), Uuid::new_v4());
+        for (id, pid) in [(stale, dead), (other, alive)] {
+            c.execute(
+                &format!("INSERT INTO {table}_watch (kind, id, pid) VALUES ($1, $2, $3)"),
+                &[&Job::kind(), &id, &pid],
+            )
+            .await
+            .unwrap();
+        }
+        // Until then, the stale row makes writers of its key notify.
+        let (_listening, mut rx) = raw_listener(&table).await;
+        s.store_context(stale, job(1)).await.unwrap();
+        assert_eq!(arriving(&mut rx, 300).await.len(), 1);
+
+        // A listener starts (the store's first watch): the dead session's
+        // row is gone, a live session's row stays.
+        let id = Uuid::new_v4();
+        s.store_context(id, job(1)).await.unwrap();
+        let _w = s.watch_context::<Job>(id).await.unwrap();
+        assert_eq!(registered(&c, &table, stale).await, Vec::<i32>::new());
+        assert_eq!(registered(&c, &table, other).await, vec![alive]);
+        let pid = listener_pid(&c, &table).await.expect("a listening session");
+        assert_eq!(registered(&c, &table, id).await, vec![pid]);
+        s.store_context(stale, job(2)).await.unwrap();
+        assert_eq!(arriving(&mut rx, 300).await, Vec::<String>::new());
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_started_while_a_writer_holds_the_row_sees_its_commit() {
+    guarded(async {
+        let table = fresh_table();
+        let s = store_on(&table).await;
+        let id = Uuid::new_v4();
+        let v1 = s.store_context(id, job(1)).await.unwrap();
+        // A writer of another process that wrote the row and ran its
+        // notify statement before the watch registered (so it found no
+        // registry row and will not notify), and has not committed yet:
+        // the race the locking read closes.
+        let c = client().await;
+        c.batch_execute(&format!(
+            "BEGIN; \
+             UPDATE {table} SET value = '{{\"name\":\"j\",\"n\":2}}', \
+                 version = nextval('{table}_version_seq') \
+                 WHERE kind = '{kind}' AND id = '{id}'; \
+             SELECT set_config('ctxstore.wrote', 'on', true); \
+             SELECT pg_notify('ctxstore.{table}', '{id} {kind}') FROM {table}_watch \
+                 WHERE kind = '{kind}' AND id = '{id}' \
+                 AND current_setting('ctxstore.wrote', true) = 'on' LIMIT 1;",
+            kind = Job::kind()
+        ))
+        .await
+        .unwrap();
+        // The watch does not wait for the holder: it starts with the
+        // committed version...
+        let (w, took) = elapsed("watch", 10, s.watch_context::<Job>(id)).await;
+        let mut w = w.unwrap();
+        eprintln!("watch started in {took:?} while the row was held");
+        let first = next(&mut w).await.unwrap();
+        assert_eq!((first.n, first.version()), (1, v1));
+        // ...and its next changed() waits for the holder's commit, which
+        // sends no notification, and reports it.
+        let waiting = tokio::spawn(async move {
+            let snap = next(&mut w).await;
+            (w, snap)
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!waiting.is_finished());
+        c.batch_execute("COMMIT").await.unwrap();
+        let (mut w, snap) = waiting.await.unwrap();
+        let snap = snap.unwrap();
+        let now = s.get_context_snapshot::<Job>(id).await.unwrap();
+        assert_eq!((snap.n, snap.version()), (2, now.version()));
+        // Later commits notify (the key is registered now).
+        let v = s.store_context(id, job(3)).await.unwrap();
+        assert_eq!(next(&mut w).await.unwrap().version(), v);
+
+        // A guard of this store held while a watch starts: the watch does
+        // not wait for it, and sees its commit.
+        let mut g = s.get_context::<Job>(id).await.unwrap();
+        let (w2, took) = elapsed("watch", 10, s.watch_context::<Job>(id)).await;
+        let mut w2 = w2.unwrap();
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        assert_eq!(next(&mut w2).await.unwrap().version(), v);
+        g.n = 4;
+        let v = g.commit().await.unwrap();
+        let snap = next(&mut w2).await.unwrap();
+        assert_eq!((snap.n, snap.version()), (4, v));
     })
     .await
 }

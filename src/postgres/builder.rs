@@ -199,7 +199,7 @@ impl PostgresContextStorageBuilder {
             .await
             .map_err(|e| setup_error(format!("cannot connect to Postgres: {}", pool_error(e))))?;
         let schema = ensure_schema(&client, &self.table, self.create_schema);
-        let watchable = match timeouts.response {
+        let schema = match timeouts.response {
             None => schema.await?,
             Some(limit) => match tokio::time::timeout(limit, schema).await {
                 Ok(done) => done?,
@@ -222,13 +222,13 @@ impl PostgresContextStorageBuilder {
             inner: Arc::new(Inner {
                 pool,
                 read_pool,
-                sql: Sql::new(&self.table),
+                sql: Sql::new(&self.table, schema.registry_readable),
                 table: self.table,
                 handle: tokio::runtime::Handle::current(),
                 gates: Arc::default(),
                 timeouts,
                 listen_config,
-                watchable,
+                schema,
                 listener: std::sync::OnceLock::new(),
             }),
         })
