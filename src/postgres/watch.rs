@@ -662,10 +662,15 @@ impl PostgresContextStorage {
                 client.query_opt(&stmt, &[&ty.kind(), &id]).await
             })
             .await?;
-        conn.clean = true;
+        let busy =
+            |e: &tokio_postgres::Error| nowait && e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE);
+        // A statement of its own (no transaction): the connection is clean
+        // after a result or a refused lock; after another error it is
+        // closed, to be safe.
+        conn.clean = row.as_ref().map_or_else(busy, |_| true);
         match row {
             Ok(row) => Ok(Nowait::Read(watch_row(ty, id, row)?)),
-            Err(e) if nowait && e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => Ok(Nowait::Busy),
+            Err(e) if busy(&e) => Ok(Nowait::Busy),
             Err(e) => Err(ty.backend_error(Some(id), pg(e))),
         }
     }
