@@ -1656,3 +1656,56 @@ async fn watch_started_while_a_writer_holds_the_row_sees_its_commit() {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_registration_racing_writers_loses_no_commit() {
+    guarded(async {
+        // Every round a new key, so every watch start registers it, while
+        // another "process" commits one write (a store, a guard, a
+        // conditional store) at a varying moment around it; the watch must
+        // then reach that write's version without any further write.
+        let table = fresh_table();
+        let s = store_on(&table).await;
+        let other = store_on(&table).await;
+        // The listener is up before the rounds (its start is not the race).
+        let warm = Uuid::new_v4();
+        s.store_context(warm, job(0)).await.unwrap();
+        let _warm = s.watch_context::<Job>(warm).await.unwrap();
+        for round in 0..60u64 {
+            let id = Uuid::new_v4();
+            other.store_context(id, job(0)).await.unwrap();
+            let writer = other.clone();
+            let write = tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_micros(250 * (round % 12))).await;
+                match round % 3 {
+                    0 => writer.store_context(id, job(1)).await.map(drop),
+                    1 => writer
+                        .update_context(id, |j: &mut Job| j.n = 1)
+                        .await
+                        .map(drop),
+                    _ => {
+                        let snap = writer.get_context_snapshot::<Job>(id).await.unwrap();
+                        writer
+                            .store_context_if(id, snap.version(), job(1))
+                            .await
+                            .map(drop)
+                    }
+                }
+                .unwrap();
+            });
+            let mut w = s.watch_context::<Job>(id).await.unwrap();
+            write.await.unwrap();
+            let last = other.get_context_snapshot::<Job>(id).await.unwrap();
+            let mut seen = next(&mut w).await.unwrap();
+            while seen.version() < last.version() {
+                seen = next(&mut w).await.unwrap();
+            }
+            assert_eq!(
+                (seen.n, seen.version()),
+                (1, last.version()),
+                "round {round}"
+            );
+        }
+    })
+    .await
+}
