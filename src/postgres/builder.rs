@@ -131,8 +131,12 @@ impl PostgresContextStorageBuilder {
         validate_table(&self.table)?;
         let mut config = tokio_postgres::Config::from_str(&self.url)
             .map_err(|e| setup_error(format!("invalid Postgres URL: {e}")))?;
+        // The watch listener's own connection is told apart by name (for
+        // `pg_stat_activity`), unless the URL chose one.
+        let mut listen_name = None;
         if config.get_application_name().is_none() {
             config.application_name(format!("ctxstore:{}", self.table));
+            listen_name = Some(format!("ctxstore:{}:listen", self.table));
         }
         // Whole milliseconds, rounded up: 0 would mean "no timeout".
         let timeout_ms = self
@@ -195,7 +199,7 @@ impl PostgresContextStorageBuilder {
             .await
             .map_err(|e| setup_error(format!("cannot connect to Postgres: {}", pool_error(e))))?;
         let schema = ensure_schema(&client, &self.table, self.create_schema);
-        match timeouts.response {
+        let schema = match timeouts.response {
             None => schema.await?,
             Some(limit) => match tokio::time::timeout(limit, schema).await {
                 Ok(done) => done?,
@@ -208,17 +212,24 @@ impl PostgresContextStorageBuilder {
                     )));
                 }
             },
-        }
+        };
         drop(client);
+        let mut listen_config = config.clone();
+        if let Some(name) = listen_name {
+            listen_config.application_name(name);
+        }
         Ok(PostgresContextStorage {
             inner: Arc::new(Inner {
                 pool,
                 read_pool,
-                sql: Sql::new(&self.table),
+                sql: Sql::new(&self.table, schema.registry_readable),
                 table: self.table,
                 handle: tokio::runtime::Handle::current(),
                 gates: Arc::default(),
                 timeouts,
+                listen_config,
+                schema,
+                listener: std::sync::OnceLock::new(),
             }),
         })
     }

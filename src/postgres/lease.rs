@@ -90,10 +90,16 @@ impl Held {
         }
         let err = |e| ty.backend_error(Some(id), pg(e));
         let response = store.timeouts.response;
-        let stmt = bounded(response, client.prepare_cached(&store.sql.commit))
-            .await
-            .map_err(|limit| no_reply(ty, Some(id), "prepare commit", limit))?
-            .map_err(err)?;
+        let (stmt, notify) = bounded(
+            response,
+            in_order(
+                client.prepare_cached(&store.sql.commit),
+                client.prepare_cached(&store.sql.notify),
+            ),
+        )
+        .await
+        .map_err(|limit| no_reply(ty, Some(id), "prepare commit", limit))?;
+        let (stmt, notify) = (stmt.map_err(err)?, notify.map_err(err)?);
         let version = version as i64;
         let kind = ty.kind();
         let params: [&(dyn ToSql + Sync); 4] = [&kind, &id, &json, &version];
@@ -104,13 +110,17 @@ impl Held {
             "SET LOCAL statement_timeout = {}",
             store.timeouts.statement_ms
         );
-        let (restored, (updated, committed)) = bounded(
+        // The notify statement runs after the UPDATE (see `watch.rs`).
+        let (restored, (updated, (notified, committed))) = bounded(
             response,
             in_order(
                 client.batch_execute(&restore),
                 in_order(
                     client.query_opt(&stmt, &params),
-                    client.batch_execute("COMMIT"),
+                    in_order(
+                        client.execute(&notify, &params[..2]),
+                        client.batch_execute("COMMIT"),
+                    ),
                 ),
             ),
         )
@@ -124,7 +134,7 @@ impl Held {
                 )),
             )
         })?;
-        let updated = restored.and(updated);
+        let updated = restored.and(updated).and_then(|row| notified.map(|_| row));
         // COMMIT answered: the transaction is over (committed, or rolled
         // back if the UPDATE failed), so the connection is reusable.
         self.conn.clean = committed.is_ok();

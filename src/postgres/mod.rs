@@ -11,8 +11,8 @@
 //!   `crate::remote`) before they take a pooled connection.
 //! * `builder.rs`: options and `connect` (URL options, statement timeout,
 //!   keepalives, the two pools).
-//! * `schema.rs`: creating, checking and migrating the table and its
-//!   sequence under an advisory lock.
+//! * `schema.rs`: creating, checking and migrating the table, its
+//!   sequence and its watch registry under an advisory lock.
 //! * `sql.rs`: every statement, built once per table with quoted
 //!   identifiers, and the conversions of their parameters and rows.
 //! * `conn.rs`: taking connections from the pools, the client-side bound on
@@ -20,6 +20,11 @@
 //!   which never returns a connection with a transaction open or a request
 //!   in flight to the pool: it cancels the statement and closes the
 //!   connection, which makes Postgres release whatever the session held.
+//! * `watch.rs`: watching a context: the store's `LISTEN` connection,
+//!   started by the first watch, which keeps the store's rows of the watch
+//!   registry (writers notify only for registered keys) and fans
+//!   notifications out to the watches of each key, and `PgWatch`, one
+//!   watch's re-reads; the argument why no wake-up is lost.
 //! * `lease.rs`: `PgLease`, a held row lock (the connection with its
 //!   transaction open) that commits, or rolls back when dropped (the lease
 //!   convention of `crate::remote`).
@@ -29,6 +34,7 @@ mod conn;
 mod lease;
 mod schema;
 mod sql;
+mod watch;
 
 use std::fmt;
 use std::sync::Arc;
@@ -47,6 +53,7 @@ use sql::{json_text, row_version, Sql};
 use crate::context::ContextType;
 use crate::remote::{Gate, Gates};
 use crate::storage::{BoxFuture, ContextStorage, ErasedValue, RawGuard, RawSnapshot, Wait};
+use crate::watch::RawWatchStart;
 use crate::Result;
 
 /// Contexts stored in PostgreSQL, locked with row locks.
@@ -98,6 +105,22 @@ struct Inner {
     /// the same key queue here, not on pooled connections.
     gates: Arc<PgGates>,
     timeouts: ClientTimeouts,
+    /// For the watch listener's connection (its own, not pooled).
+    listen_config: tokio_postgres::Config,
+    /// What this role can use of the schema (watching needs schema 3).
+    schema: schema::Schema,
+    /// The watch listener, started by the first watch.
+    listener: std::sync::OnceLock<Arc<watch::Listener>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The last handle of the store (watches hold one) is gone: stop
+        // listening.
+        if let Some(listener) = self.listener.get() {
+            listener.stop();
+        }
+    }
 }
 
 /// The per-process per-key FIFO gates of one store (the shared gate of
@@ -236,34 +259,46 @@ impl PostgresContextStorage {
             let mut conn = self.conn(ty, Some(id), Wait::Forever).await?;
             let client = conn.client();
             let err = |e| ty.backend_error(Some(id), pg(e));
-            let (insert, update) = self
+            let (insert, (update, notify)) = self
                 .bounded(
                     ty,
                     Some(id),
                     "prepare",
                     in_order(
                         client.prepare_cached(&sql.insert),
-                        client.prepare_cached(&sql.update),
+                        in_order(
+                            client.prepare_cached(&sql.update),
+                            client.prepare_cached(&sql.notify),
+                        ),
                     ),
                 )
                 .await?;
-            let (insert, update) = (insert.map_err(err)?, update.map_err(err)?);
+            let (insert, update, notify) = (
+                insert.map_err(err)?,
+                update.map_err(err)?,
+                notify.map_err(err)?,
+            );
             // One round trip. The INSERT creates the row if missing (with a
             // placeholder version nobody else can see) and does not wait for
             // a holder; the UPDATE then takes the row lock, waiting for a
-            // holder, and only then draws the version.
+            // holder, and only then draws the version; the notify statement
+            // runs once the UPDATE holds the lock (see `watch.rs`).
             let params: [&(dyn ToSql + Sync); 3] = [&kind, &id, &json];
-            let (began, (inserted, (updated, committed))) = in_order(
+            let (began, (inserted, (updated, (notified, committed)))) = in_order(
                 client.batch_execute("BEGIN; SET LOCAL statement_timeout = 0"),
                 in_order(
                     client.execute(&insert, &params),
                     in_order(
                         client.query_opt(&update, &params),
-                        client.batch_execute("COMMIT"),
+                        in_order(
+                            client.execute(&notify, &params[..2]),
+                            client.batch_execute("COMMIT"),
+                        ),
                     ),
                 ),
             )
             .await;
+            let updated = updated.and_then(|row| notified.map(|_| row));
             let committed_ok = committed.is_ok();
             match (began, inserted, updated, committed) {
                 (Ok(()), Ok(_), Ok(Some(row)), Ok(())) => {
@@ -309,26 +344,34 @@ impl PostgresContextStorage {
         let mut conn = self.conn(ty, Some(id), Wait::Forever).await?;
         let client = conn.client();
         let err = |e| ty.backend_error(Some(id), pg(e));
-        let stmt = self
+        let (stmt, notify) = self
             .bounded(
                 ty,
                 Some(id),
                 "prepare",
-                client.prepare_cached(&self.inner.sql.delete),
+                in_order(
+                    client.prepare_cached(&self.inner.sql.delete),
+                    client.prepare_cached(&self.inner.sql.notify),
+                ),
             )
-            .await?
-            .map_err(err)?;
-        // The DELETE waits for a holder's row lock (statement timeout off).
+            .await?;
+        let (stmt, notify) = (stmt.map_err(err)?, notify.map_err(err)?);
+        // The DELETE waits for a holder's row lock (statement timeout off);
+        // then the notify statement (see `watch.rs`).
         let kind = ty.kind();
         let params: [&(dyn ToSql + Sync); 2] = [&kind, &id];
-        let (began, (deleted, committed)) = in_order(
+        let (began, (deleted, (notified, committed))) = in_order(
             client.batch_execute("BEGIN; SET LOCAL statement_timeout = 0"),
             in_order(
                 client.execute(&stmt, &params),
-                client.batch_execute("COMMIT"),
+                in_order(
+                    client.execute(&notify, &params),
+                    client.batch_execute("COMMIT"),
+                ),
             ),
         )
         .await;
+        let deleted = deleted.and_then(|n| notified.map(|_| n));
         conn.clean = committed.is_ok();
         match (began, deleted, committed) {
             (Ok(()), Ok(0), Ok(())) => Err(ty.not_found(id)),
@@ -338,10 +381,10 @@ impl PostgresContextStorage {
     }
 
     /// One conditional write in one round trip: `BEGIN`, the write `query`
-    /// (which returns the new version's row if it applied), then the
-    /// committed version read `FOR SHARE` (which waits for a guard's row
-    /// lock, so a refusal reports the version the holder left), `COMMIT`,
-    /// all pipelined. Returns (the write's row, the version row).
+    /// (which returns the new version's row if it applied), the notify
+    /// statement (see `watch.rs`), then the committed version read `FOR
+    /// SHARE` (which waits for a guard's row lock, so a refusal reports the
+    /// version the holder left), `COMMIT`, all pipelined. Returns (the write's row, the version row).
     async fn conditional(
         &self,
         ty: &'static ContextType,
@@ -352,33 +395,44 @@ impl PostgresContextStorage {
         let mut conn = self.conn(ty, Some(id), Wait::Forever).await?;
         let client = conn.client();
         let err = |e| ty.backend_error(Some(id), pg(e));
-        let (write, version) = self
+        let (write, (notify, version)) = self
             .bounded(
                 ty,
                 Some(id),
                 "prepare",
                 in_order(
                     client.prepare_cached(query),
-                    client.prepare_cached(&self.inner.sql.version_share),
+                    in_order(
+                        client.prepare_cached(&self.inner.sql.notify),
+                        client.prepare_cached(&self.inner.sql.version_share),
+                    ),
                 ),
             )
             .await?;
-        let (write, version) = (write.map_err(err)?, version.map_err(err)?);
+        let (write, notify, version) = (
+            write.map_err(err)?,
+            notify.map_err(err)?,
+            version.map_err(err)?,
+        );
         let kind = ty.kind();
         let key: [&(dyn ToSql + Sync); 2] = [&kind, &id];
         // The write waits for a holder's row lock (statement timeout off)
         // and re-checks the version once it has it (READ COMMITTED).
-        let (began, (written, (found, committed))) = in_order(
+        let (began, (written, (notified, (found, committed)))) = in_order(
             client.batch_execute("BEGIN; SET LOCAL statement_timeout = 0"),
             in_order(
                 client.query_opt(&write, params),
                 in_order(
-                    client.query_opt(&version, &key),
-                    client.batch_execute("COMMIT"),
+                    client.execute(&notify, &key),
+                    in_order(
+                        client.query_opt(&version, &key),
+                        client.batch_execute("COMMIT"),
+                    ),
                 ),
             ),
         )
         .await;
+        let written = written.and_then(|row| notified.map(|_| row));
         conn.clean = committed.is_ok();
         match (began, written, found, committed) {
             (Ok(()), Ok(written), Ok(found), Ok(())) => Ok((written, found)),
@@ -541,6 +595,14 @@ impl ContextStorage for PostgresContextStorage {
 
     fn ids_raw(&self, ty: &'static ContextType) -> BoxFuture<'_, Result<Vec<Uuid>>> {
         Box::pin(self.ids(ty))
+    }
+
+    fn watch_raw(
+        &self,
+        ty: &'static ContextType,
+        id: Uuid,
+    ) -> BoxFuture<'_, Result<RawWatchStart>> {
+        Box::pin(self.watch(ty, id))
     }
 
     fn backend_name(&self) -> &'static str {
