@@ -414,7 +414,7 @@ fn bench(c: &mut Criterion) {
         let client = env.pool.get().await.unwrap();
         let _ = client
             .batch_execute(&format!(
-                "DROP TABLE IF EXISTS {t}; DROP SEQUENCE IF EXISTS {t}_version_seq;",
+                "DROP TABLE IF EXISTS {t}; DROP TABLE IF EXISTS {t}_watch; DROP SEQUENCE IF EXISTS {t}_version_seq;",
                 t = env.table
             ))
             .await;

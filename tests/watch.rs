@@ -125,6 +125,31 @@ async fn an_abandoned_changed_future_does_not_starve_other_watchers() {
     assert_eq!(within(abandoned.changed()).await.unwrap().n, 1);
 }
 
+/// A stream polled once through a timeout (its `next()` future dropped, the
+/// stream kept and never polled again) must not hold back the wake-up of
+/// the other watchers of the key: each is woken by the release itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_stream_does_not_hold_back_other_watchers() {
+    let store = Arc::new(InMemoryContextStorage::new());
+    let id = Uuid::new_v4();
+    store.store_context(id, Counter { n: 0 }).await.unwrap();
+    let mut idle = store.watch_context::<Counter>(id).await.unwrap();
+    within(next_item(&mut idle)).await.unwrap().unwrap();
+    // Registered, then abandoned without a drop hook (a `Next`-style future).
+    let timed_out = tokio::time::timeout(Duration::from_millis(20), next_item(&mut idle)).await;
+    assert!(timed_out.is_err());
+    let mut other = store.watch_context::<Counter>(id).await.unwrap();
+    other.changed().await.unwrap();
+    let waiting = tokio::spawn(async move { within(other.changed()).await.unwrap().n });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    store
+        .update_context(id, |c: &mut Counter| c.n = 1)
+        .await
+        .unwrap();
+    assert_eq!(waiting.await.unwrap(), 1);
+    drop(idle);
+}
+
 /// Writers from tasks and plain threads, watchers that sometimes cancel
 /// their wait: every watcher reaches the final value.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
