@@ -257,7 +257,8 @@ M = {
  # CAS that set WATCHED, the store is lost for it, and it waits forever
  "AA_kill_dead_by_plain_store": (PARK, [(
    "let before = self.state.fetch_or(DEAD, Ordering::Release);",
-   "let before = self.state.swap(LOCKED | DEAD, Ordering::Release);")]),
+   """let before = self.state.load(Ordering::Relaxed);
+        self.state.store(LOCKED | DEAD, Ordering::Release);""")]),
  # AB: a release ignores WATCHED (wakes no watcher)
  "AB_release_ignores_watched": (PARK, [(
    "        if s & (WATCHED | ORPHAN) == WATCHED {",
