@@ -282,16 +282,16 @@ M = {
    """                    s | WATCHED,
                     Ordering::Relaxed,
                     Ordering::Relaxed,""")]),
- # AF: the release's CAS loop does not look at ORPHAN again after a
+ # AE: the release's CAS loop does not look at ORPHAN again after a
  # failure (a store dropped between the check and the CAS leaks the
  # slot's reference and never ends its watchers)
- "AF_orphan_not_rechecked": (PARK, [(
+ "AE_orphan_not_rechecked": (PARK, [(
    """            if s & ORPHAN != 0 {
                 // The store is gone""",
    """            if s & ORPHAN != 0 && false {
                 // The store is gone""")]),
- # AG: a re-poll keeps the waker of the first poll
- "AG_repoll_keeps_old_waker": (PARK, [(
+ # AF: a re-poll keeps the waker of the first poll
+ "AF_repoll_keeps_old_waker": (PARK, [(
    """                    Notify::Waker(old) if old.will_wake(waker) => {}
                     _ => n.notify = Notify::Waker(waker.clone()),
                 })
@@ -301,13 +301,13 @@ M = {
                 })
             };
             return Outcome::Busy;""")]),
- # AH: kill does not wake the watchers
- "AH_kill_forgets_watchers": (PARK, [(
+ # AG: kill does not wake the watchers
+ "AG_kill_forgets_watchers": (PARK, [(
    """        if before & WATCHED != 0 {
             self.wake_watchers(Budget::All);
         }""", "        let _ = before;")]),
- # AI: a release wakes only the first watcher (one per release)
- "AI_release_wakes_one_watcher": (PARK, [(
+ # AH: a release wakes only the first watcher (one per release)
+ "AH_release_wakes_one_watcher": (PARK, [(
    "            Budget::LinkedNow => list.len,",
    "            Budget::LinkedNow => 1,")]),
 }
