@@ -945,3 +945,34 @@ fn watch_racing_delete_ends_not_found() {
         assert!(got.is_err(), "a watch of a deleted slot returned {got:?}");
     });
 }
+
+/// The last queued waiter cancels and the store is dropped (in that order,
+/// as a store cannot be dropped while a waiter borrows it) while the holder
+/// releases: whichever way they interleave, the store's `orphan()` and the
+/// release agree on who owns the reference the store leaves behind, and a
+/// slot the store gave up ends dead.
+#[test]
+fn store_drop_after_the_last_waiter_cancels_racing_a_release() {
+    check(
+        "store_drop_after_the_last_waiter_cancels_racing_a_release",
+        || {
+            let (slot, held) = Slot::new_locked(val(0, 0), 1);
+            let dropper = {
+                let slot = slot.clone();
+                thread::spawn(move || {
+                    let mut fut = slot.lock();
+                    let queued = poll_once(&mut fut).is_pending();
+                    drop(fut);
+                    (queued, slot.store_dropped())
+                })
+            };
+            let handed = held.unlock_owned();
+            let (_queued, orphaned) = dropper.join().unwrap();
+            assert_eq!(
+                orphaned, handed,
+                "orphan() = {orphaned} but the release took the reference: {handed}"
+            );
+            assert!(slot.is_dead(), "the store is gone but the slot is not dead");
+        },
+    );
+}

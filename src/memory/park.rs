@@ -656,8 +656,19 @@ impl RawLock {
             None => {
                 // Nobody is left (they cancelled): free the lock, keeping
                 // DEAD if set. Release: pairs with the next acquirer's
-                // Acquire CAS.
-                self.state.fetch_and(!(LOCKED | QUEUED), Ordering::Release);
+                // Acquire CAS. Acquire: the last waiter may have cancelled
+                // after we read QUEUED, and then the store may have been
+                // dropped, setting ORPHAN (pairs with `orphan`'s Release).
+                let before = self.state.fetch_and(!(LOCKED | QUEUED), Ordering::AcqRel);
+                if before & ORPHAN != 0 {
+                    drop(queue);
+                    // The store left us a reference, which keeps the slot
+                    // alive until our caller drops it: end it as above.
+                    // Release: pairs with the Acquire load in `watch`.
+                    self.state.fetch_or(DEAD, Ordering::Release);
+                    self.wake_watchers(Budget::All);
+                    return true;
+                }
                 Wake::Nobody
             }
             Some(head) => {
