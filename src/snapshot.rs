@@ -51,10 +51,9 @@ impl<T: Context> Snapshot<T> {
     pub(crate) fn from_raw(ty: &'static ContextType, id: Uuid, raw: RawSnapshot) -> Result<Self> {
         match raw.0.downcast::<Shared<T>>() {
             Ok(inner) => Ok(Self { inner: *inner }),
-            Err(_) => Err(ty.backend_error(
-                Some(id),
-                crate::error::message("backend returned a snapshot of another type"),
-            )),
+            Err(_) => {
+                Err(ty.backend_message(Some(id), "backend returned a snapshot of another type"))
+            }
         }
     }
 

@@ -260,9 +260,9 @@ pub trait ContextStorage: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<RawWatchStart>> {
         let name = self.backend_name();
         Box::pin(async move {
-            Err(ty.backend_error(
+            Err(ty.backend_message(
                 Some(id),
-                crate::error::message(format!("the {name} backend cannot watch contexts")),
+                format!("the {name} backend cannot watch contexts"),
             ))
         })
     }
@@ -570,10 +570,7 @@ where
     match storage.lock_raw(ty, id, wait).await? {
         RawGuard::Local(boxed) => match boxed.downcast::<ContextGuard<T>>() {
             Ok(guard) => Ok(*guard),
-            Err(_) => Err(ty.backend_error(
-                Some(id),
-                crate::error::message("backend returned a guard of another type"),
-            )),
+            Err(_) => Err(ty.backend_message(Some(id), "backend returned a guard of another type")),
         },
         RawGuard::Remote {
             value,
@@ -583,10 +580,7 @@ where
             Ok(value) => Ok(ContextGuard::from_remote(RemoteGuard::new(
                 ty, id, *value, version, lease,
             ))),
-            Err(_) => Err(ty.backend_error(
-                Some(id),
-                crate::error::message("backend returned a value of another type"),
-            )),
+            Err(_) => Err(ty.backend_message(Some(id), "backend returned a value of another type")),
         },
     }
 }

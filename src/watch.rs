@@ -192,13 +192,13 @@ impl<T: Context> ContextWatch<T> {
         match polled {
             Poll::Ready(Ok(snap)) if snap.version() <= self.last => {
                 // A backend that broke the contract: never go backwards.
-                Poll::Ready(Err(ty.backend_error(
+                Poll::Ready(Err(ty.backend_message(
                     Some(self.id),
-                    crate::error::message(format!(
+                    format!(
                         "watch returned version {} after {}",
                         snap.version(),
                         self.last
-                    )),
+                    ),
                 )))
             }
             Poll::Ready(Ok(snap)) => {

@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use super::PostgresContextStorage;
 use crate::context::ContextType;
-use crate::error::{boxed, message, BoxError, ContextError};
+use crate::error::{boxed, BoxError, ContextError};
 use crate::storage::Wait;
 use crate::Result;
 
@@ -73,7 +73,7 @@ impl PostgresContextStorage {
                 (Wait::Until(_, asked), Some(id)) => ty.timeout(id, asked),
                 _ => self.pool_exhausted(ty, id, bound),
             }),
-            Err(e) => Err(ty.backend_error(id, message(pool_error(e)))),
+            Err(e) => Err(ty.backend_message(id, pool_error(e))),
         }
     }
 
@@ -84,13 +84,13 @@ impl PostgresContextStorage {
         waited: Option<Duration>,
     ) -> ContextError {
         let status = self.inner.pool.status();
-        ty.backend_error(
+        ty.backend_message(
             id,
-            message(format!(
+            format!(
                 "no pooled connection became free within {waited:?} \
                  (pool_size {}, every connection in use: held guards keep theirs)",
                 status.max_size
-            )),
+            ),
         )
     }
 
@@ -111,18 +111,18 @@ impl PostgresContextStorage {
         {
             Ok(obj) => return Ok(self.wrap(obj)),
             Err(PoolError::Timeout(TimeoutType::Wait)) => {}
-            Err(e) => return Err(ty.backend_error(id, message(pool_error(e)))),
+            Err(e) => return Err(ty.backend_message(id, pool_error(e))),
         }
         match self.inner.read_pool.timeout_get(&t.pool(t.pool_wait)).await {
             Ok(obj) => Ok(self.wrap(obj)),
-            Err(PoolError::Timeout(TimeoutType::Wait)) => Err(ty.backend_error(
+            Err(PoolError::Timeout(TimeoutType::Wait)) => Err(ty.backend_message(
                 id,
-                message(format!(
+                format!(
                     "no connection of the read pool became free within {:?}",
                     t.pool_wait
-                )),
+                ),
             )),
-            Err(e) => Err(ty.backend_error(id, message(pool_error(e)))),
+            Err(e) => Err(ty.backend_message(id, pool_error(e))),
         }
     }
 
@@ -158,11 +158,9 @@ pub(super) fn no_reply(
     what: &str,
     limit: Duration,
 ) -> ContextError {
-    ty.backend_error(
+    ty.backend_message(
         id,
-        message(format!(
-            "no reply from Postgres within {limit:?} ({what}); the connection is closed"
-        )),
+        format!("no reply from Postgres within {limit:?} ({what}); the connection is closed"),
     )
 }
 

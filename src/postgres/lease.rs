@@ -11,7 +11,7 @@ use super::conn::{bounded, in_order, no_reply, pg, spawn, Conn};
 use super::sql::{json_text, row_version};
 use super::{Inner, PgGate};
 use crate::context::ContextType;
-use crate::error::{boxed, message};
+use crate::error::boxed;
 use crate::storage::{BoxFuture, Lease};
 use crate::Result;
 
@@ -126,12 +126,12 @@ impl Held {
         )
         .await
         .map_err(|limit| {
-            ty.backend_error(
+            ty.backend_message(
                 Some(id),
-                message(format!(
+                format!(
                     "no reply to COMMIT within {limit:?}: the commit may or may not have been \
                      applied (whole or not at all); the connection is closed"
-                )),
+                ),
             )
         })?;
         let updated = restored.and(updated).and_then(|row| notified.map(|_| row));

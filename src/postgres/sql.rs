@@ -5,7 +5,7 @@ use uuid::Uuid;
 
 use super::conn::pg;
 use crate::context::ContextType;
-use crate::error::{boxed, message, BoxError};
+use crate::error::{boxed, BoxError};
 use crate::Result;
 
 /// `ident` as a quoted SQL identifier (table names may be reserved words).
@@ -200,7 +200,7 @@ pub(super) fn row_version(
         .try_get(0)
         .map_err(|e| ty.backend_error(Some(id), pg(e)))?;
     u64::try_from(v)
-        .map_err(|_| ty.backend_error(Some(id), message(format!("stored version {v} is negative"))))
+        .map_err(|_| ty.backend_message(Some(id), format!("stored version {v} is negative")))
 }
 
 /// `encode` produces JSON, which is UTF-8; sent as text and cast to jsonb

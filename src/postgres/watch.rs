@@ -90,7 +90,6 @@ use super::conn::{bounded, in_order, no_reply, pg, PgError};
 use super::sql::{row_version, RegistrySql};
 use super::{Inner, PostgresContextStorage};
 use crate::context::ContextType;
-use crate::error::message;
 use crate::storage::{BoxFuture, RawSnapshot, Wait};
 use crate::watch::{RawWatch, RawWatchStart};
 use crate::Result;
@@ -740,13 +739,13 @@ impl PostgresContextStorage {
                     self.inner.table
                 )
             };
-            return Err(ty.backend_error(
+            return Err(ty.backend_message(
                 Some(id),
-                message(format!(
+                format!(
                     "{why}; connect once with a role that may ALTER the table and CREATE \
                      tables to migrate it, or grant the privileges \
                      (see \"Schema and migrations\" in ctxstore::docs::postgres)"
-                )),
+                ),
             ));
         }
         let listener = self.listener();
@@ -771,7 +770,7 @@ impl PostgresContextStorage {
         )
         .await
         .map_err(|limit| no_reply(ty, Some(id), "LISTEN", limit))?
-        .map_err(|e| ty.backend_error(Some(id), message(listener_error(&self.inner.table, &e))))?;
+        .map_err(|e| ty.backend_message(Some(id), listener_error(&self.inner.table, &e)))?;
         // The key's registry row, committed (the first watch of the key in
         // this store inserts it).
         let mut reply = registration.listener.register_key((ty.kind(), id));
@@ -792,7 +791,7 @@ impl PostgresContextStorage {
         )
         .await
         .map_err(|limit| no_reply(ty, Some(id), "watch registration", limit))?
-        .map_err(|e| ty.backend_error(Some(id), message(listener_error(&self.inner.table, &e))))?;
+        .map_err(|e| ty.backend_message(Some(id), listener_error(&self.inner.table, &e)))?;
         let seen = lock(&registration.waiter.state).events;
         let status = registration.listener.status();
         // After the registration committed: waits for no one, but if a
@@ -916,9 +915,9 @@ impl RawWatch for PgWatch {
                 self.failures = status.failures;
                 self.stale = true;
                 let error = self.registration.listener.last_error();
-                return Poll::Ready(Err(ty.backend_error(
+                return Poll::Ready(Err(ty.backend_message(
                     Some(id),
-                    message(listener_error(&self.store.inner.table, &error)),
+                    listener_error(&self.store.inner.table, &error),
                 )));
             }
             if !status.up {

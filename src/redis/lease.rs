@@ -15,7 +15,7 @@ use super::scripts::{ACQUIRE, COMMIT, RELEASE, RENEW};
 use super::wait::KeyGate;
 use super::{Acquired, Inner, Keys, RedisContextStorage, Step};
 use crate::context::ContextType;
-use crate::error::{boxed, message};
+use crate::error::boxed;
 use crate::storage::{BoxFuture, Lease};
 use crate::Result;
 
@@ -94,7 +94,7 @@ impl RedisContextStorage {
         });
         match rx.await {
             Ok(reply) => reply,
-            Err(_) => Err(ty.backend_error(Some(id), message("lock task was cancelled"))),
+            Err(_) => Err(ty.backend_message(Some(id), "lock task was cancelled")),
         }
     }
 }
@@ -325,12 +325,12 @@ impl Lease for RedisLease {
                         waiting: keys.waiting,
                     });
                     drop(held);
-                    return Err(ty.backend_error(
+                    return Err(ty.backend_message(
                         Some(id),
-                        message(format!(
+                        format!(
                             "no reply to the commit script ({e}): it may or may not have been \
                              applied (whole or not at all); read the context to find out"
-                        )),
+                        ),
                     ));
                 }
             };

@@ -9,9 +9,9 @@ use crate::error::message;
 use crate::{ContextError, Result};
 
 pub(super) fn bad_reply(ty: &'static ContextType, id: Uuid, what: &Value) -> ContextError {
-    ty.backend_error(
+    ty.backend_message(
         Some(id),
-        message(format!("unexpected reply from a ctxstore script: {what:?}")),
+        format!("unexpected reply from a ctxstore script: {what:?}"),
     )
 }
 
