@@ -6,8 +6,10 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClientBuilder;
 use redis::{Client, ProtocolVersion, PushInfo, Value};
 
+use super::topology::{Conn, SlotSet, Topology};
 use super::wait::{on_push, WaitRegistry};
 use super::{Inner, RedisContextStorage};
 use crate::error::{boxed, message};
@@ -30,11 +32,24 @@ const MIN_LEASE: Duration = Duration::from_millis(10);
 /// ```
 #[derive(Debug, Clone)]
 pub struct RedisContextStorageBuilder {
-    url: String,
+    target: Target,
     namespace: String,
     lease: Duration,
     renew: Option<Duration>,
     config: ConnectionManagerConfig,
+    /// Set by `response_timeout` (for the cluster client, which has no
+    /// `ConnectionManagerConfig`).
+    response_timeout: Option<Option<Duration>>,
+    connection_timeout: Option<Option<Duration>>,
+}
+
+/// What to connect to.
+#[derive(Debug, Clone)]
+enum Target {
+    /// One server.
+    Node(String),
+    /// A Redis Cluster, through these seed nodes.
+    Cluster(Vec<String>),
 }
 
 impl RedisContextStorageBuilder {
@@ -64,17 +79,21 @@ impl RedisContextStorageBuilder {
     /// error (the driver's default is 500 ms; `None` waits forever).
     pub fn response_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.config = self.config.set_response_timeout(timeout);
+        self.response_timeout = Some(timeout);
         self
     }
 
     /// How long one connection attempt may take (driver default 1 s).
     pub fn connection_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.config = self.config.set_connection_timeout(timeout);
+        self.connection_timeout = Some(timeout);
         self
     }
 
     /// Replaces the whole connection configuration (retries, backoff,
-    /// timeouts) of the `redis` crate's `ConnectionManager`.
+    /// timeouts) of the `redis` crate's `ConnectionManager` (one server
+    /// only; a cluster client takes `response_timeout` and
+    /// `connection_timeout`, and redirects and retries by itself).
     pub fn connection_config(mut self, config: ConnectionManagerConfig) -> Self {
         self.config = config;
         self
@@ -94,28 +113,20 @@ impl RedisContextStorageBuilder {
         }
         // No `:` either: keys are `ns:kind:id`, and a kind may contain `:`,
         // so only a colon-free namespace keeps (namespace, kind) apart.
-        if self.namespace.is_empty() || self.namespace.contains(['*', '?', '[', ']', '\\', ':']) {
+        // On a cluster no braces either: the first `{...}` of a key is its
+        // hash tag, which must be the context's id.
+        let cluster = matches!(self.target, Target::Cluster(_));
+        let braces: &[char] = if cluster { &['{', '}'] } else { &[] };
+        if self.namespace.is_empty()
+            || self.namespace.contains(['*', '?', '[', ']', '\\', ':'])
+            || self.namespace.contains(braces)
+        {
             return Err(setup_error(message(format!(
-                "invalid namespace {:?}: it must be non-empty and free of glob characters and `:`",
+                "invalid namespace {:?}: it must be non-empty and free of glob characters \
+                 and `:` (and of braces on a cluster)",
                 self.namespace
             ))));
         }
-        let client = Client::open(self.url.as_str()).map_err(|e| setup_error(boxed(e)))?;
-        let conn = ConnectionManager::new_with_config(client.clone(), self.config.clone())
-            .await
-            .map_err(|e| setup_error(boxed(e)))?;
-
-        check_durability(conn.clone(), &self.namespace).await;
-
-        // The subscription connection speaks RESP3 so that the driver
-        // re-subscribes by itself after a reconnect.
-        let info = client.get_connection_info().clone();
-        let redis_settings = info
-            .redis_settings()
-            .clone()
-            .set_protocol(ProtocolVersion::RESP3);
-        let sub_client = Client::open(info.set_redis_settings(redis_settings))
-            .map_err(|e| setup_error(boxed(e)))?;
         let waits = Arc::new(WaitRegistry::default());
         let weak: Weak<WaitRegistry> = Arc::downgrade(&waits);
         let push = move |info: PushInfo| -> std::result::Result<(), ()> {
@@ -127,25 +138,17 @@ impl RedisContextStorageBuilder {
                 None => Err(()),
             }
         };
-        let sub_config = self
-            .config
-            .clone()
-            .set_push_sender(push)
-            .set_automatic_resubscription();
-        let mut sub = ConnectionManager::new_with_config(sub_client, sub_config)
-            .await
-            .map_err(|e| setup_error(boxed(e)))?;
-        let channel = format!("{}:#wake", self.namespace);
-        sub.subscribe(&channel)
-            .await
-            .map_err(|e| setup_error(boxed(e)))?;
+        let (conn, sub, topology) = match &self.target {
+            Target::Node(url) => self.connect_node(url, push).await?,
+            Target::Cluster(nodes) => self.connect_cluster(nodes, push).await?,
+        };
+        check_durability(conn.clone(), &self.namespace).await;
 
         let inner = Arc::new(Inner {
             conn,
             sub,
-            floor_key: format!("{}:#floor", self.namespace),
+            topology,
             namespace: self.namespace,
-            channel,
             lease_ms: lease.as_millis().max(1) as u64,
             renew,
             waits,
@@ -158,12 +161,108 @@ impl RedisContextStorageBuilder {
     }
 }
 
+type Connected = (Conn, Conn, Topology);
+
+impl RedisContextStorageBuilder {
+    /// One server: a command connection, and a RESP3 one subscribed to
+    /// the store's wake-up channel (the driver re-subscribes by itself
+    /// after a reconnect).
+    async fn connect_node(
+        &self,
+        url: &str,
+        push: impl redis::aio::AsyncPushSender,
+    ) -> Result<Connected> {
+        let client = Client::open(url).map_err(|e| setup_error(boxed(e)))?;
+        let conn = ConnectionManager::new_with_config(client.clone(), self.config.clone())
+            .await
+            .map_err(|e| setup_error(boxed(e)))?;
+        let info = client.get_connection_info().clone();
+        let redis_settings = info
+            .redis_settings()
+            .clone()
+            .set_protocol(ProtocolVersion::RESP3);
+        let sub_client = Client::open(info.set_redis_settings(redis_settings))
+            .map_err(|e| setup_error(boxed(e)))?;
+        let sub_config = self
+            .config
+            .clone()
+            .set_push_sender(push)
+            .set_automatic_resubscription();
+        let mut sub = ConnectionManager::new_with_config(sub_client, sub_config)
+            .await
+            .map_err(|e| setup_error(boxed(e)))?;
+        let channel = format!("{}:#wake", self.namespace);
+        sub.subscribe(&channel)
+            .await
+            .map_err(|e| setup_error(boxed(e)))?;
+        let topology = Topology::Node {
+            floor: format!("{}:#floor", self.namespace),
+            channel,
+        };
+        Ok((Conn::Node(conn), Conn::Node(sub), topology))
+    }
+
+    /// A cluster: a command connection (the driver follows `MOVED`/`ASK`
+    /// and slot-map changes), and a RESP3 one for the sharded wake-up
+    /// subscriptions, made per slot when first needed (the driver moves
+    /// them with their slots).
+    async fn connect_cluster(
+        &self,
+        nodes: &[String],
+        push: impl redis::aio::AsyncPushSender,
+    ) -> Result<Connected> {
+        if nodes.is_empty() {
+            return Err(setup_error(message(
+                "connect_cluster needs at least one seed node (redis://host:port)",
+            )));
+        }
+        let builder = || {
+            let mut b = ClusterClientBuilder::new(nodes.iter().map(String::as_str));
+            if let Some(t) = self.response_timeout {
+                if let Some(t) = t {
+                    b = b.response_timeout(t);
+                }
+            } else {
+                // The single-server default, so that a call to a dead
+                // master fails instead of hanging.
+                b = b.response_timeout(Duration::from_millis(500));
+            }
+            if let Some(Some(t)) = self.connection_timeout {
+                b = b.connection_timeout(t);
+            }
+            // Retries through redirections, reconnections and a failover
+            // (a replica is promoted within seconds) for up to a lease
+            // period: longer, and the lease it serves would be gone anyway.
+            b.overall_response_timeout(Some(self.lease))
+        };
+        let client = builder().build().map_err(|e| setup_error(boxed(e)))?;
+        let conn = client
+            .get_async_connection()
+            .await
+            .map_err(|e| setup_error(boxed(e)))?;
+        let sub_client = builder()
+            .use_protocol(ProtocolVersion::RESP3)
+            .push_sender(push)
+            .build()
+            .map_err(|e| setup_error(boxed(e)))?;
+        let sub = sub_client
+            .get_async_connection()
+            .await
+            .map_err(|e| setup_error(boxed(e)))?;
+        let topology = Topology::Cluster {
+            sub: sub.clone(),
+            subscribed: SlotSet::default(),
+        };
+        Ok((Conn::Cluster(conn), Conn::Cluster(sub), topology))
+    }
+}
+
 /// Warns (`tracing::warn!`) when the server's settings can lose the store's
 /// keys: an `allkeys-*` eviction policy (values, versions and the version
 /// floor can be evicted, after which versions repeat), or no persistence
 /// at all (a restart forgets everything). Servers that refuse `CONFIG GET`
 /// (managed services) are not checked.
-async fn check_durability(mut conn: ConnectionManager, namespace: &str) {
+async fn check_durability(mut conn: Conn, namespace: &str) {
     let config: redis::RedisResult<HashMap<String, String>> = redis::cmd("CONFIG")
         .arg("GET")
         .arg("maxmemory*")
@@ -247,14 +346,54 @@ impl RedisContextStorage {
         Self::builder(url).connect().await
     }
 
+    /// Connects to a Redis Cluster (Redis 7 or later: wake-ups use sharded
+    /// pub/sub) through `nodes`, seed node URLs (`redis://host:port`; any
+    /// reachable master or replica will do, the driver discovers the rest),
+    /// with the default options.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> ctxstore::Result<()> {
+    /// let store = ctxstore::RedisContextStorage::connect_cluster([
+    ///     "redis://127.0.0.1:7000",
+    ///     "redis://127.0.0.1:7001",
+    ///     "redis://127.0.0.1:7002",
+    /// ])
+    /// .await?;
+    /// assert!(store.is_cluster());
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect_cluster<I>(nodes: I) -> Result<Self>
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        Self::cluster_builder(nodes).connect().await
+    }
+
     /// A builder for namespace, lease and connection options.
     pub fn builder(url: impl Into<String>) -> RedisContextStorageBuilder {
+        Self::builder_for(Target::Node(url.into()))
+    }
+
+    /// A builder for a Redis Cluster reached through the seed nodes
+    /// `nodes` (see [`connect_cluster`](Self::connect_cluster)).
+    pub fn cluster_builder<I>(nodes: I) -> RedisContextStorageBuilder
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        Self::builder_for(Target::Cluster(nodes.into_iter().map(Into::into).collect()))
+    }
+
+    fn builder_for(target: Target) -> RedisContextStorageBuilder {
         RedisContextStorageBuilder {
-            url: url.into(),
+            target,
             namespace: "ctxstore".to_owned(),
             lease: DEFAULT_LEASE,
             renew: None,
             config: ConnectionManagerConfig::new(),
+            response_timeout: None,
+            connection_timeout: None,
         }
     }
 }

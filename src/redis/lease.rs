@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use redis::Value;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -12,6 +11,7 @@ use uuid::Uuid;
 
 use super::reply::{bad_reply, corrupt, parse_acquire, reply_items, version_of};
 use super::scripts::{ACQUIRE, COMMIT, RELEASE, RENEW};
+use super::topology::Conn;
 use super::wait::KeyGate;
 use super::{Acquired, Inner, Keys, RedisContextStorage, Step};
 use crate::context::ContextType;
@@ -42,6 +42,7 @@ impl RedisContextStorage {
         let (tx, rx) = oneshot::channel();
         let store = self.inner.clone();
         let (data, lock, waiting) = (keys.data.clone(), keys.lock.clone(), keys.waiting.clone());
+        let channel = keys.channel.clone();
         let token = token.to_owned();
         let lease_ms = self.inner.lease_ms;
         let mark_ms = if mark { self.mark_ms() } else { 0 };
@@ -67,6 +68,7 @@ impl RedisContextStorage {
                 data,
                 lock,
                 waiting,
+                channel,
             };
             let reply = match reply {
                 Ok(Step::Done(mut acquired)) => {
@@ -111,6 +113,7 @@ pub(super) struct PendingRelease {
     data: String,
     lock: String,
     waiting: String,
+    channel: String,
 }
 
 impl PendingRelease {
@@ -126,7 +129,8 @@ impl Drop for PendingRelease {
             return;
         }
         let mut conn = self.store.conn.clone();
-        let channel = self.store.channel.clone();
+        let publish = self.store.topology.publish();
+        let channel = std::mem::take(&mut self.channel);
         let token = std::mem::take(&mut self.token);
         let data = std::mem::take(&mut self.data);
         let lock = std::mem::take(&mut self.lock);
@@ -134,7 +138,8 @@ impl Drop for PendingRelease {
         let (ty, id) = (self.ty, self.id);
         // Never block in drop. If the runtime is gone, the lease expires.
         self.store.runtime.spawn(async move {
-            if let Err(e) = release_now(&mut conn, &lock, &waiting, &token, &channel, &data).await {
+            let wake = (channel.as_str(), data.as_str(), publish);
+            if let Err(e) = release_now(&mut conn, &lock, &waiting, &token, wake).await {
                 tracing::debug!(kind = ty.kind(), %id, error = %e,
                     "release of an unclaimed lease failed; it expires on its own");
             }
@@ -142,13 +147,14 @@ impl Drop for PendingRelease {
     }
 }
 
+/// Runs the release script; `wake` is (channel, data key, publish
+/// command), what it publishes if a waiter marked the key.
 async fn release_now(
-    conn: &mut ConnectionManager,
+    conn: &mut Conn,
     lock: &str,
     waiting: &str,
     token: &str,
-    channel: &str,
-    data: &str,
+    (channel, data, publish): (&str, &str, &str),
 ) -> redis::RedisResult<i64> {
     RELEASE
         .key(lock)
@@ -156,6 +162,7 @@ async fn release_now(
         .arg(token)
         .arg(channel)
         .arg(data)
+        .arg(publish)
         .invoke_async::<i64>(conn)
         .await
 }
@@ -165,7 +172,7 @@ async fn release_now(
 /// ours any more (expired, taken over, evicted), or no renewal succeeded
 /// for a whole lease period (Redis unreachable: it has expired by then).
 async fn renew_loop(
-    mut conn: ConnectionManager,
+    mut conn: Conn,
     lock: String,
     token: String,
     lease_ms: u64,
@@ -285,6 +292,8 @@ impl Lease for RedisLease {
                 lock: String::new(),
                 waiting: String::new(),
                 watched: String::new(),
+                floor: String::new(),
+                channel: String::new(),
             },
         );
         let expected = self.version;
@@ -302,8 +311,9 @@ impl Lease for RedisLease {
                 .arg(&token)
                 .arg(expected)
                 .arg(bytes)
-                .arg(&store.channel)
+                .arg(&keys.channel)
                 .arg(&keys.data)
+                .arg(store.topology.publish())
                 .invoke_async::<Value>(&mut conn)
                 .await;
             if let Some(r) = renewal {
@@ -323,6 +333,7 @@ impl Lease for RedisLease {
                         data: keys.data.clone(),
                         lock: keys.lock,
                         waiting: keys.waiting,
+                        channel: keys.channel.clone(),
                     });
                     drop(held);
                     return Err(ty.backend_message(
@@ -380,12 +391,14 @@ impl Drop for RedisLease {
         let lock = std::mem::take(&mut self.keys.lock);
         let waiting = std::mem::take(&mut self.keys.waiting);
         let data = std::mem::take(&mut self.keys.data);
-        let channel = self.store.channel.clone();
+        let channel = std::mem::take(&mut self.keys.channel);
+        let publish = self.store.topology.publish();
         let (ty, id) = (self.ty, self.id);
         // Never block in drop: release in the background, then open the
         // local gate. If the runtime is gone, the lease simply expires.
         self.store.runtime.spawn(async move {
-            if let Err(e) = release_now(&mut conn, &lock, &waiting, &token, &channel, &data).await {
+            let wake = (channel.as_str(), data.as_str(), publish);
+            if let Err(e) = release_now(&mut conn, &lock, &waiting, &token, wake).await {
                 tracing::debug!(
                     kind = ty.kind(),
                     %id,

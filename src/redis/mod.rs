@@ -36,13 +36,13 @@ mod builder;
 mod lease;
 mod reply;
 mod scripts;
+mod topology;
 mod wait;
 mod watch;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use redis::Value;
 use uuid::Uuid;
 
@@ -50,6 +50,7 @@ pub use builder::RedisContextStorageBuilder;
 use lease::{PendingRelease, RedisLease};
 use reply::{bad_reply, corrupt, held_ttl, reply_items, version_of};
 use scripts::{DELETE, DELETE_IF, STORE, STORE_IF};
+use topology::{Conn, Topology};
 use wait::WaitRegistry;
 
 use crate::context::ContextType;
@@ -72,19 +73,22 @@ use crate::Result;
 /// settings the store needs.
 ///
 /// Needs a tokio runtime (it spawns the renewal and release tasks on the
-/// runtime it was connected from). Redis Cluster is not supported.
+/// runtime it was connected from). Runs on one server
+/// ([`connect`](Self::connect)) or on a Redis Cluster
+/// ([`connect_cluster`](Self::connect_cluster)), with the same guarantees
+/// save what a cluster failover can lose (see [`crate::docs::redis`]).
 #[derive(Clone)]
 pub struct RedisContextStorage {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    conn: ConnectionManager,
-    /// The RESP3 connection subscribed to the wake channel.
-    sub: ConnectionManager,
+    conn: Conn,
+    /// The RESP3 connection subscribed to the wake-up channel(s).
+    sub: Conn,
     namespace: String,
-    floor_key: String,
-    channel: String,
+    /// One server or a cluster: where the floor and wake-ups live.
+    topology: Topology,
     lease_ms: u64,
     renew: Duration,
     waits: Arc<WaitRegistry>,
@@ -107,6 +111,11 @@ struct Keys {
     waiting: String,
     /// Exists while some watcher wants the key's changes published.
     watched: String,
+    /// The version floor hash of the context's kind (on a cluster, of its
+    /// kind in its slot).
+    floor: String,
+    /// Where its wake-ups are published.
+    channel: String,
 }
 
 enum Step<R> {
@@ -129,17 +138,33 @@ impl RedisContextStorage {
         &self.inner.namespace
     }
 
-    /// The Redis key of the hash holding a context's value and version.
+    /// Whether this store runs on a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.inner.topology, Topology::Cluster { .. })
+    }
+
+    /// The Redis key of the hash holding a context's value and version:
+    /// `ns:kind:id` on one server, `ns:{id}:kind` on a cluster (the id is
+    /// the hash tag, so every key of the context is in one slot and the
+    /// contexts of a kind spread over all of them).
     pub fn data_key(&self, ty: &ContextType, id: Uuid) -> String {
-        format!("{}:{}:{}", self.inner.namespace, ty.kind(), id)
+        match self.inner.topology {
+            Topology::Node { .. } => format!("{}:{}:{}", self.inner.namespace, ty.kind(), id),
+            Topology::Cluster { .. } => {
+                format!("{}:{{{}}}:{}", self.inner.namespace, id, ty.kind())
+            }
+        }
     }
 
     fn keys(&self, ty: &ContextType, id: Uuid) -> Keys {
         let data = self.data_key(ty, id);
+        let (ns, topology) = (&self.inner.namespace, &self.inner.topology);
         Keys {
             lock: format!("{data}:lock"),
             waiting: format!("{data}:waiting"),
             watched: format!("{data}:watched"),
+            floor: topology.floor_key(ns, &data),
+            channel: topology.channel(ns, &data),
             data,
         }
     }
@@ -176,8 +201,7 @@ impl RedisContextStorage {
                 let mut conn = self.inner.conn.clone();
                 let keys = &keys;
                 let bytes = &bytes;
-                let floor = &self.inner.floor_key;
-                let channel = &self.inner.channel;
+                let publish = self.inner.topology.publish();
                 async move {
                     let script = match expected {
                         None => &*STORE,
@@ -187,7 +211,7 @@ impl RedisContextStorage {
                     call.key(&keys.data)
                         .key(&keys.lock)
                         .key(&keys.waiting)
-                        .key(floor)
+                        .key(&keys.floor)
                         .key(&keys.watched)
                         .arg(bytes.as_slice())
                         .arg(ty.kind())
@@ -195,7 +219,7 @@ impl RedisContextStorage {
                     if let Some(expected) = expected {
                         call.arg(expected.to_string());
                     }
-                    call.arg(channel).arg(&keys.data);
+                    call.arg(&keys.channel).arg(&keys.data).arg(publish);
                     let v: Value = call
                         .invoke_async(&mut conn)
                         .await
@@ -293,19 +317,19 @@ impl ContextStorage for RedisContextStorage {
             self.with_wait(ty, id, &keys.data, Wait::Forever, |_| {
                 let mut conn = self.inner.conn.clone();
                 let keys = &keys;
-                let floor = &self.inner.floor_key;
-                let channel = &self.inner.channel;
+                let publish = self.inner.topology.publish();
                 async move {
                     let v: Value = DELETE
                         .key(&keys.data)
                         .key(&keys.lock)
                         .key(&keys.waiting)
-                        .key(floor)
+                        .key(&keys.floor)
                         .key(&keys.watched)
                         .arg(ty.kind())
                         .arg(mark_ms)
-                        .arg(channel)
+                        .arg(&keys.channel)
                         .arg(&keys.data)
+                        .arg(publish)
                         .invoke_async(&mut conn)
                         .await
                         .map_err(|e| ty.backend_error(Some(id), boxed(e)))?;
@@ -346,20 +370,20 @@ impl ContextStorage for RedisContextStorage {
             self.with_wait(ty, id, &keys.data, Wait::Forever, |_| {
                 let mut conn = self.inner.conn.clone();
                 let keys = &keys;
-                let floor = &self.inner.floor_key;
-                let channel = &self.inner.channel;
+                let publish = self.inner.topology.publish();
                 async move {
                     let v: Value = DELETE_IF
                         .key(&keys.data)
                         .key(&keys.lock)
                         .key(&keys.waiting)
-                        .key(floor)
+                        .key(&keys.floor)
                         .key(&keys.watched)
                         .arg(ty.kind())
                         .arg(mark_ms)
                         .arg(expected.to_string())
-                        .arg(channel)
+                        .arg(&keys.channel)
                         .arg(&keys.data)
+                        .arg(publish)
                         .invoke_async(&mut conn)
                         .await
                         .map_err(|e| ty.backend_error(Some(id), boxed(e)))?;
@@ -393,34 +417,25 @@ impl ContextStorage for RedisContextStorage {
 
     fn ids_raw(&self, ty: &'static ContextType) -> BoxFuture<'_, Result<Vec<Uuid>>> {
         Box::pin(async move {
-            let prefix = format!("{}:{}:", self.inner.namespace, ty.kind());
-            let pattern = format!("{}*", glob_escape(&prefix));
-            let mut conn = self.inner.conn.clone();
-            let mut ids = Vec::new();
-            let mut cursor: u64 = 0;
-            loop {
-                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(1000)
-                    .arg("TYPE")
-                    .arg("hash")
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(|e| ty.backend_error(None, boxed(e)))?;
-                ids.extend(
-                    keys.iter()
-                        .filter_map(|k| k.strip_prefix(&prefix))
-                        .filter(|rest| rest.len() == 36)
-                        .filter_map(|rest| Uuid::parse_str(rest).ok()),
-                );
-                if next == 0 {
-                    break;
-                }
-                cursor = next;
-            }
+            // `ns:kind:<id>` on one server, `ns:{<id>}:kind` on a cluster.
+            let ns = &self.inner.namespace;
+            let (prefix, suffix) = match self.inner.topology {
+                Topology::Node { .. } => (format!("{ns}:{}:", ty.kind()), String::new()),
+                Topology::Cluster { .. } => (format!("{ns}:{{"), format!("}}:{}", ty.kind())),
+            };
+            let pattern = format!("{}*{}", glob_escape(&prefix), glob_escape(&suffix));
+            let keys = self
+                .inner
+                .conn
+                .scan_hashes(&pattern)
+                .await
+                .map_err(|e| ty.backend_error(None, boxed(e)))?;
+            let mut ids: Vec<Uuid> = keys
+                .iter()
+                .filter_map(|k| k.strip_prefix(&prefix)?.strip_suffix(suffix.as_str()))
+                .filter(|id| id.len() == 36)
+                .filter_map(|id| Uuid::parse_str(id).ok())
+                .collect();
             // SCAN may return a key more than once.
             ids.sort_unstable();
             ids.dedup();

@@ -30,7 +30,8 @@ pub(super) type KeyGate = Gate<String, KeyWake>;
 /// meanwhile.
 pub(super) fn on_push(waits: &WaitRegistry, info: PushInfo) {
     match info.kind {
-        PushKind::Message => {
+        // `SMessage`: a sharded publication (cluster).
+        PushKind::Message | PushKind::SMessage => {
             // data = [channel, payload]
             if let Some(Value::BulkString(key)) = info.data.get(1) {
                 if let Ok(key) = std::str::from_utf8(key) {
@@ -40,13 +41,34 @@ pub(super) fn on_push(waits: &WaitRegistry, info: PushInfo) {
         }
         // `Subscribe` confirms a (re-)subscription: after a reconnect the
         // driver re-subscribes, and anything published between the drop
-        // and now was lost.
-        PushKind::Disconnection | PushKind::Subscribe => waits.for_each_state(KeyWake::wake),
+        // and now was lost. On a cluster the same goes for a sharded one
+        // (also when the driver moves it after a failover or resharding),
+        // and a server drops a sharded subscription (`SUnsubscribe`) when
+        // its slot leaves it.
+        PushKind::Disconnection
+        | PushKind::Subscribe
+        | PushKind::SSubscribe
+        | PushKind::SUnsubscribe => waits.for_each_state(KeyWake::wake),
         _ => {}
     }
 }
 
 impl RedisContextStorage {
+    /// [`Topology::listen`](super::topology::Topology::listen) for the
+    /// key: `true` if it subscribed just now. A failed subscription is
+    /// logged and costs only latency: waiters and watchers also poll.
+    pub(super) async fn listen(&self, ty: &ContextType, id: Uuid, data_key: &str) -> bool {
+        let inner = &self.inner;
+        match inner.topology.listen(&inner.namespace, data_key).await {
+            Ok(now) => now,
+            Err(e) => {
+                tracing::debug!(kind = ty.kind(), %id, error = %e,
+                    "cannot subscribe to the key's wake-ups; polling");
+                false
+            }
+        }
+    }
+
     /// Runs `attempt` until it is not `Held`, waiting between tries as
     /// `wait` allows. Holds the key's local gate while trying and returns it.
     pub(super) async fn with_wait<R, F, Fut>(
@@ -64,6 +86,7 @@ impl RedisContextStorage {
         let ticket = self.inner.waits.register(data_key.to_owned());
         let entry = ticket.entry().clone();
         let gate = ticket.pass(ty, id, wait).await?;
+        let mut listening = false;
         loop {
             // Listen before trying, so a release between our attempt and
             // our wait is not missed.
@@ -74,6 +97,14 @@ impl RedisContextStorage {
                 Step::Missing => return Err(ty.not_found(id)),
                 Step::Held(pttl) => pttl,
             };
+            if !listening && wait != Wait::Never {
+                listening = true;
+                if self.listen(ty, id, data_key).await {
+                    // Subscribed just now: the release may have been
+                    // published before; look again before waiting.
+                    continue;
+                }
+            }
             // Fallback poll: at the renewal interval, or when the holder's
             // lease runs out if that is sooner (a crashed holder).
             let nap = match u64::try_from(pttl) {

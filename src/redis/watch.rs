@@ -299,6 +299,8 @@ impl RedisContextStorage {
             stale: false,
             gone: false,
         };
+        // Hear the key's publications before the first read marks it.
+        self.listen(ty, id, &watch.data).await;
         let first = read(&self.inner, ty, id, &watch.data, &watch.watched)
             .await?
             .ok_or_else(|| ty.not_found(id))?;

@@ -1,7 +1,8 @@
 -- delete_context: deletes the context and raises its kind's version floor
 -- to its last version, unless a lease is held.
 -- KEYS: data, lock, waiting, floor, watched. ARGV: kind, waiting-mark ms,
--- wake channel, data key. A delete publishes the data key on the wake
+-- wake channel, data key, publish command (PUBLISH, or SPUBLISH on a
+-- cluster). A delete publishes the data key on the wake
 -- channel if a watcher marked the key (watched).
 -- Returns {1} when deleted, {0, pttl} if held, {-1} if absent,
 -- {-3, 'version' | 'floor', found} if a number is corrupt (nothing
@@ -18,5 +19,5 @@ local f = redis.call('HGET', KEYS[4], ARGV[1])
 if f and not num(f) then return {-3, 'floor', f} end
 if (not f) or num(f) < n then redis.call('HSET', KEYS[4], ARGV[1], v) end
 redis.call('DEL', KEYS[1])
-if redis.call('EXISTS', KEYS[5]) == 1 then redis.call('PUBLISH', ARGV[3], ARGV[4]) end
+if redis.call('EXISTS', KEYS[5]) == 1 then redis.call(ARGV[#ARGV], ARGV[3], ARGV[4]) end
 return {1}

@@ -2,7 +2,8 @@
 -- the expected one, and raises its kind's version floor to that version
 -- (as delete.lua does), unless a lease is held.
 -- KEYS: data, lock, waiting, floor, watched. ARGV: kind, waiting-mark ms,
--- expected version (decimal), wake channel, data key. A delete publishes
+-- expected version (decimal), wake channel, data key, publish command
+-- (PUBLISH, or SPUBLISH on a cluster). A delete publishes
 -- the data key on the wake channel if a watcher marked the key (watched);
 -- a refusal publishes nothing.
 -- Returns {1} when deleted, {0, pttl} if held, {-1} if absent, {2, found}
@@ -23,5 +24,5 @@ local f = redis.call('HGET', KEYS[4], ARGV[1])
 if f and not num(f) then return {-3, 'floor', f} end
 if (not f) or num(f) < n then redis.call('HSET', KEYS[4], ARGV[1], v) end
 redis.call('DEL', KEYS[1])
-if redis.call('EXISTS', KEYS[5]) == 1 then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
+if redis.call('EXISTS', KEYS[5]) == 1 then redis.call(ARGV[#ARGV], ARGV[4], ARGV[5]) end
 return {1}

@@ -1,7 +1,8 @@
 -- store_context: writes the value and bumps the version, unless a lease is
 -- held.
 -- KEYS: data, lock, waiting, floor, watched. ARGV: value, kind,
--- waiting-mark ms, wake channel, data key.
+-- waiting-mark ms, wake channel, data key, publish command (PUBLISH, or
+-- SPUBLISH on a cluster).
 -- A context created here gets its creation stamp (field born: its first
 -- version). Publishes the data key on the wake channel if a watcher marked
 -- the key (watched).
@@ -36,5 +37,5 @@ redis.call('HSET', KEYS[1], 'value', ARGV[1])
 redis.call('HINCRBY', KEYS[1], 'version', 1)
 local nv = redis.call('HGET', KEYS[1], 'version')
 if created then redis.call('HSET', KEYS[1], 'born', nv) end
-if redis.call('EXISTS', KEYS[5]) == 1 then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
+if redis.call('EXISTS', KEYS[5]) == 1 then redis.call(ARGV[#ARGV], ARGV[4], ARGV[5]) end
 return {1, nv}

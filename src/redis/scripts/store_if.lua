@@ -2,7 +2,8 @@
 -- committed version is the expected one (0: only if absent), unless a lease
 -- is held.
 -- KEYS: data, lock, waiting, floor, watched. ARGV: value, kind,
--- waiting-mark ms, expected version (decimal), wake channel, data key.
+-- waiting-mark ms, expected version (decimal), wake channel, data key,
+-- publish command (PUBLISH, or SPUBLISH on a cluster).
 -- A context created here gets its creation stamp (field born: its first
 -- version). A write publishes the data key on the wake channel if a
 -- watcher marked the key (watched); a refusal publishes nothing.
@@ -30,7 +31,7 @@ if not v then
   redis.call('HINCRBY', KEYS[1], 'version', 1)
   local nv = redis.call('HGET', KEYS[1], 'version')
   redis.call('HSET', KEYS[1], 'born', nv)
-  if redis.call('EXISTS', KEYS[5]) == 1 then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
+  if redis.call('EXISTS', KEYS[5]) == 1 then redis.call(ARGV[#ARGV], ARGV[5], ARGV[6]) end
   return {1, nv}
 end
 if not num(v) then return {-3, 'version', v} end
@@ -39,5 +40,5 @@ local canon = string.gsub(v, '^0+(%d)', '%1')
 if canon ~= ARGV[4] then return {2, v} end
 redis.call('HSET', KEYS[1], 'value', ARGV[1])
 redis.call('HINCRBY', KEYS[1], 'version', 1)
-if redis.call('EXISTS', KEYS[5]) == 1 then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
+if redis.call('EXISTS', KEYS[5]) == 1 then redis.call(ARGV[#ARGV], ARGV[5], ARGV[6]) end
 return {1, redis.call('HGET', KEYS[1], 'version')}
