@@ -42,7 +42,7 @@ impl RedisContextStorage {
         let (tx, rx) = oneshot::channel();
         let store = self.inner.clone();
         let (data, lock, waiting) = (keys.data.clone(), keys.lock.clone(), keys.waiting.clone());
-        let channel = keys.channel.clone();
+        let (channel, floor) = (keys.channel.clone(), keys.floor.clone());
         let token = token.to_owned();
         let lease_ms = self.inner.lease_ms;
         let mark_ms = if mark { self.mark_ms() } else { 0 };
@@ -58,7 +58,7 @@ impl RedisContextStorage {
                 .invoke_async::<Value>(&mut conn)
                 .await
                 .map_err(|e| ty.backend_error(Some(id), boxed(e)))
-                .and_then(|v| parse_acquire(ty, id, &data, v));
+                .and_then(|v| parse_acquire(ty, id, (&data, &floor), v));
             // From here the lease is ours to give back until a guard owns it.
             let pending = PendingRelease {
                 store,
@@ -351,7 +351,7 @@ impl Lease for RedisLease {
                 1 => version_of(ty, id, rest.first()),
                 -1 => Err(ty.lease_lost(id)),
                 -2 => Err(ty.conflict(id, expected, version_of(ty, id, rest.first())?)),
-                -3 => Err(corrupt(ty, id, &keys.data, rest)),
+                -3 => Err(corrupt(ty, id, (&keys.data, &keys.floor), rest)),
                 _ => Err(bad_reply(ty, id, &v)),
             }
         });

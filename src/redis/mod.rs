@@ -25,6 +25,10 @@
 //!   the key is marked watched), on a subscription drop or re-subscribe,
 //!   and at a slow fallback interval; the creation stamp tells a
 //!   re-created context from the watched one.
+//! * `topology.rs`: one server or a Redis Cluster: the connection (either
+//!   kind), where the keys contexts share live (the store's floor and wake
+//!   channel, or one per hash slot), the slot subscriptions made on first
+//!   use, and `SCAN` over every master.
 //! * `reply.rs`: the scripts' `{code, ...}` replies, and the `Codec` error
 //!   for a stored number that is not one.
 //! * `scripts.rs` and `scripts/*.lua`: the Lua scripts; each file says what
@@ -232,7 +236,7 @@ impl RedisContextStorage {
                         (2, Some(expected)) => {
                             Err(ty.conflict(id, expected, version_of(ty, id, rest.first())?))
                         }
-                        (-3, _) => Err(corrupt(ty, id, &keys.data, rest)),
+                        (-3, _) => Err(corrupt(ty, id, (&keys.data, &keys.floor), rest)),
                         _ => Err(bad_reply(ty, id, &v)),
                     }
                 }
@@ -338,7 +342,7 @@ impl ContextStorage for RedisContextStorage {
                         1 => Ok(Step::Done(())),
                         0 => Ok(Step::Held(held_ttl(rest))),
                         -1 => Ok(Step::Missing),
-                        -3 => Err(corrupt(ty, id, &keys.data, rest)),
+                        -3 => Err(corrupt(ty, id, (&keys.data, &keys.floor), rest)),
                         _ => Err(bad_reply(ty, id, &v)),
                     }
                 }
@@ -393,7 +397,7 @@ impl ContextStorage for RedisContextStorage {
                         0 => Ok(Step::Held(held_ttl(rest))),
                         -1 => Ok(Step::Missing),
                         2 => Err(ty.conflict(id, expected, version_of(ty, id, rest.first())?)),
-                        -3 => Err(corrupt(ty, id, &keys.data, rest)),
+                        -3 => Err(corrupt(ty, id, (&keys.data, &keys.floor), rest)),
                         _ => Err(bad_reply(ty, id, &v)),
                     }
                 }

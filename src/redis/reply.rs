@@ -53,7 +53,7 @@ pub(super) fn held_ttl(rest: &[Value]) -> i64 {
 pub(super) fn parse_acquire(
     ty: &'static ContextType,
     id: Uuid,
-    data: &str,
+    (data, floor): (&str, &str),
     v: Value,
 ) -> Result<Step<Acquired>> {
     let (code, rest) = reply_items(ty, id, &v)?;
@@ -72,7 +72,7 @@ pub(super) fn parse_acquire(
         }
         0 => Ok(Step::Held(held_ttl(rest))),
         -1 => Ok(Step::Missing),
-        -3 => Err(corrupt(ty, id, data, rest)),
+        -3 => Err(corrupt(ty, id, (data, floor), rest)),
         _ => Err(bad_reply(ty, id, &v)),
     }
 }
@@ -82,7 +82,7 @@ pub(super) fn parse_acquire(
 pub(super) fn corrupt(
     ty: &'static ContextType,
     id: Uuid,
-    data: &str,
+    (data, floor): (&str, &str),
     rest: &[Value],
 ) -> ContextError {
     let text = |v: Option<&Value>| match v {
@@ -92,9 +92,6 @@ pub(super) fn corrupt(
     };
     let found = text(rest.get(1));
     let detail = if text(rest.first()) == "floor" {
-        let floor = data
-            .split_once(':')
-            .map_or_else(|| "#floor".to_owned(), |(ns, _)| format!("{ns}:#floor"));
         format!(
             "the version floor of kind {:?} (hash {floor}, field {:?}) is not a number: {found:?}; \
              nothing was written. Set it to a number at least as high as any version of the kind",
