@@ -261,6 +261,65 @@ pub(crate) fn lock_slot_blocking<T>(
     }
 }
 
+/// How a writer that found its context's lock busy waits for it: a task
+/// parks ([`Task`]: a [`LockSlot`] future), a plain thread blocks
+/// ([`Thread`]: [`lock_slot_blocking`], as a future that is ready at its
+/// first poll). Every writer (`store_context`, `delete_context`, the
+/// conditional writes) is written once, as an `async fn` generic over
+/// this: the async form awaits it with `Task`, the `_blocking` form runs it
+/// with `Thread` through [`now`].
+pub(crate) trait Park: Copy + Send {
+    /// Waits for the lock of `slot`: the slot, locked, or `None` if it died
+    /// (its context was deleted) first.
+    fn lock<T: Send + Sync>(
+        self,
+        slot: StdArc<Slot<T>>,
+        fair_after: Duration,
+    ) -> impl Future<Output = Option<StdArc<Slot<T>>>> + Send;
+}
+
+/// Waits by parking the task (see [`Park`]).
+#[derive(Clone, Copy)]
+pub(crate) struct Task;
+
+/// Waits by parking the thread (see [`Park`]).
+#[derive(Clone, Copy)]
+pub(crate) struct Thread;
+
+impl Park for Task {
+    #[inline]
+    fn lock<T: Send + Sync>(
+        self,
+        slot: StdArc<Slot<T>>,
+        fair_after: Duration,
+    ) -> impl Future<Output = Option<StdArc<Slot<T>>>> + Send {
+        LockSlot::new(slot, fair_after)
+    }
+}
+
+impl Park for Thread {
+    #[inline]
+    fn lock<T: Send + Sync>(
+        self,
+        slot: StdArc<Slot<T>>,
+        fair_after: Duration,
+    ) -> impl Future<Output = Option<StdArc<Slot<T>>>> + Send {
+        let locked = lock_slot_blocking(&slot, None, fair_after) == Outcome::Locked;
+        std::future::ready(locked.then_some(slot))
+    }
+}
+
+/// Runs a writer made with [`Thread`] waits to its end: it never returns
+/// `Pending` (its only waits are ready at their first poll), so one poll
+/// with a no-op waker completes it.
+pub(crate) fn now<F: Future>(f: F) -> F::Output {
+    let f = std::pin::pin!(f);
+    match f.poll(&mut TaskContext::from_waker(Waker::noop())) {
+        Poll::Ready(out) => out,
+        Poll::Pending => unreachable!("a writer that waits with `Thread` never suspends"),
+    }
+}
+
 /// Locks one slot from a task. Resolves to the slot, locked, or to `None` if
 /// the slot died (its context was deleted) first.
 ///

@@ -9,9 +9,11 @@
 //! then commits by comparison, so a hot key's critical section is the
 //! compare and the pointer swap.
 
+use std::future::Future;
+
 use uuid::Uuid;
 
-use super::acquire::{lock_slot_blocking, LockSlot};
+use super::acquire::{now, Park, Task, Thread};
 use super::park::Outcome;
 use super::slot::Slot;
 use super::{not_found, Free, InMemoryContextStorage};
@@ -50,26 +52,13 @@ impl InMemoryContextStorage {
     ///
     /// # Cancel safety
     /// Dropping the future before it completes writes nothing.
-    pub async fn store_context_if<T: Context>(
+    pub fn store_context_if<T: Context>(
         &self,
         id: Uuid,
         expected_version: u64,
         value: T,
-    ) -> Result<u64> {
-        let mut value = value;
-        loop {
-            let busy = match self.store_if_now(id, expected_version, value) {
-                Now::Done(done) => return done,
-                Now::Busy(back) => back,
-            };
-            // (Deleted meanwhile: the next round sees the key absent.)
-            if let Some(slot) = self.table.get::<T>(id) {
-                if let Some(slot) = LockSlot::new(slot, self.fair_after).await {
-                    return self.store_if_locked(&slot, id, expected_version, busy);
-                }
-            }
-            value = busy;
-        }
+    ) -> impl Future<Output = Result<u64>> + Send + '_ {
+        self.store_if_with(Task, id, expected_version, value)
     }
 
     /// [`store_context_if`](Self::store_context_if) for plain threads.
@@ -79,19 +68,7 @@ impl InMemoryContextStorage {
         expected_version: u64,
         value: T,
     ) -> Result<u64> {
-        let mut value = value;
-        loop {
-            let busy = match self.store_if_now(id, expected_version, value) {
-                Now::Done(done) => return done,
-                Now::Busy(back) => back,
-            };
-            if let Some(slot) = self.table.get::<T>(id) {
-                if lock_slot_blocking(&slot, None, self.fair_after) == Outcome::Locked {
-                    return self.store_if_locked(&slot, id, expected_version, busy);
-                }
-            }
-            value = busy;
-        }
+        now(self.store_if_with(Thread, id, expected_version, value))
     }
 
     /// Deletes the context only if its committed version is
@@ -103,20 +80,12 @@ impl InMemoryContextStorage {
     ///
     /// # Cancel safety
     /// Dropping the future before it completes deletes nothing.
-    pub async fn delete_context_if<T: Context>(
+    pub fn delete_context_if<T: Context>(
         &self,
         id: Uuid,
         expected_version: u64,
-    ) -> Result<()> {
-        loop {
-            if let Some(done) = self.delete_if_now::<T>(id, expected_version) {
-                return done;
-            }
-            let slot = self.table.get::<T>(id).ok_or_else(|| not_found::<T>(id))?;
-            if let Some(slot) = LockSlot::new(slot, self.fair_after).await {
-                return self.delete_if_locked(&slot, id, expected_version);
-            }
-        }
+    ) -> impl Future<Output = Result<()>> + Send + '_ {
+        self.delete_if_with::<T, _>(Task, id, expected_version)
     }
 
     /// [`delete_context_if`](Self::delete_context_if) for plain threads.
@@ -125,15 +94,7 @@ impl InMemoryContextStorage {
         id: Uuid,
         expected_version: u64,
     ) -> Result<()> {
-        loop {
-            if let Some(done) = self.delete_if_now::<T>(id, expected_version) {
-                return done;
-            }
-            let slot = self.table.get::<T>(id).ok_or_else(|| not_found::<T>(id))?;
-            if lock_slot_blocking(&slot, None, self.fair_after) == Outcome::Locked {
-                return self.delete_if_locked(&slot, id, expected_version);
-            }
-        }
+        now(self.delete_if_with::<T, _>(Thread, id, expected_version))
     }
 
     /// Applies `f` optimistically: reads the committed version, runs `f` on
@@ -155,26 +116,74 @@ impl InMemoryContextStorage {
     pub async fn update_context_optimistic<T: Context, R: Send>(
         &self,
         id: Uuid,
-        mut f: impl FnMut(&mut T) -> R + Send,
+        f: impl FnMut(&mut T) -> R + Send,
     ) -> Result<R> {
-        loop {
-            let (expected, copy, out) = match self.optimistic_now(id, &mut f)? {
-                Attempt::Done(out) => return Ok(out),
-                Attempt::Conflict => continue,
-                Attempt::Busy(attempt) => attempt,
-            };
-            match self.store_context_if(id, expected, copy).await {
-                Ok(_) => return Ok(out),
-                Err(e) if e.is_conflict() => continue,
-                Err(e) => return Err(e),
-            }
-        }
+        self.optimistic_with(Task, id, f).await
     }
 
     /// [`update_context_optimistic`](Self::update_context_optimistic) for
     /// plain threads.
     pub fn update_context_optimistic_blocking<T: Context, R>(
         &self,
+        id: Uuid,
+        f: impl FnMut(&mut T) -> R,
+    ) -> Result<R> {
+        now(self.optimistic_with(Thread, id, f))
+    }
+
+    // ------------------------------------------------------------ internals
+
+    // ------------------------------------------------- writers, written once
+
+    /// `store_context_if` and its `_blocking` form, waiting as `park` does.
+    async fn store_if_with<T: Context, P: Park>(
+        &self,
+        park: P,
+        id: Uuid,
+        expected_version: u64,
+        value: T,
+    ) -> Result<u64> {
+        let mut value = value;
+        loop {
+            let busy = match self.store_if_now(id, expected_version, value) {
+                Now::Done(done) => return done,
+                Now::Busy(back) => back,
+            };
+            // (If it was deleted meanwhile, the next round answers for an
+            // absent key.)
+            if let Some(slot) = self.table.get::<T>(id) {
+                if let Some(slot) = park.lock(slot, self.fair_after).await {
+                    return self.store_if_locked(&slot, id, expected_version, busy);
+                }
+            }
+            value = busy;
+        }
+    }
+
+    /// `delete_context_if` and its `_blocking` form, waiting as `park`
+    /// does.
+    async fn delete_if_with<T: Context, P: Park>(
+        &self,
+        park: P,
+        id: Uuid,
+        expected_version: u64,
+    ) -> Result<()> {
+        loop {
+            if let Some(done) = self.delete_if_now::<T>(id, expected_version) {
+                return done;
+            }
+            let slot = self.table.get::<T>(id).ok_or_else(|| not_found::<T>(id))?;
+            if let Some(slot) = park.lock(slot, self.fair_after).await {
+                return self.delete_if_locked(&slot, id, expected_version);
+            }
+        }
+    }
+
+    /// `update_context_optimistic` and its `_blocking` form, waiting as
+    /// `park` does.
+    async fn optimistic_with<T: Context, R, P: Park>(
+        &self,
+        park: P,
         id: Uuid,
         mut f: impl FnMut(&mut T) -> R,
     ) -> Result<R> {
@@ -184,15 +193,13 @@ impl InMemoryContextStorage {
                 Attempt::Conflict => continue,
                 Attempt::Busy(attempt) => attempt,
             };
-            match self.store_context_if_blocking(id, expected, copy) {
+            match self.store_if_with(park, id, expected, copy).await {
                 Ok(_) => return Ok(out),
                 Err(e) if e.is_conflict() => continue,
                 Err(e) => return Err(e),
             }
         }
     }
-
-    // ------------------------------------------------------------ internals
 
     /// One optimistic attempt inside one table pin: take a reference to the
     /// committed version, run `f` on a copy of it (no lock held), then, if

@@ -26,6 +26,7 @@ use crossbeam_utils::CachePadded;
 use uuid::Uuid;
 
 pub(crate) use self::acquire::{lock_slot_blocking, LockSlot};
+use self::acquire::{now, Park, Task, Thread};
 pub(crate) use self::guard::MemGuard;
 use self::park::Outcome;
 use self::slot::Slot;
@@ -219,25 +220,12 @@ impl InMemoryContextStorage {
     /// # Cancel safety
     /// Dropping the future before it completes stores nothing and leaves no
     /// waiter behind.
-    pub async fn store_context<T: Context>(&self, id: Uuid, value: T) -> Result<u64> {
-        let mut value = value;
-        loop {
-            let busy = match self.store_now(id, value) {
-                Stored::Done(version) => return Ok(version),
-                Stored::Busy(back) => back,
-                Stored::Raced(back) => {
-                    value = back;
-                    continue;
-                }
-            };
-            // (If it was deleted meanwhile, the next round creates it.)
-            if let Some(slot) = self.table.get::<T>(id) {
-                if let Some(slot) = LockSlot::new(slot, self.fair_after).await {
-                    return Ok(self.replace_locked(&slot, busy));
-                }
-            }
-            value = busy;
-        }
+    pub fn store_context<T: Context>(
+        &self,
+        id: Uuid,
+        value: T,
+    ) -> impl Future<Output = Result<u64>> + Send + '_ {
+        self.store_with(Task, id, value)
     }
 
     /// Locks the context for exclusive mutation; after a short spin, parks
@@ -314,17 +302,11 @@ impl InMemoryContextStorage {
     ///
     /// # Cancel safety
     /// Dropping the future before it completes deletes nothing.
-    pub async fn delete_context<T: Context>(&self, id: Uuid) -> Result<()> {
-        loop {
-            if let Some(done) = self.delete_now::<T>(id) {
-                return done;
-            }
-            let slot = self.table.get::<T>(id).ok_or_else(|| not_found::<T>(id))?;
-            if let Some(slot) = LockSlot::new(slot, self.fair_after).await {
-                self.unlink_locked(id, &slot);
-                return Ok(());
-            }
-        }
+    pub fn delete_context<T: Context>(
+        &self,
+        id: Uuid,
+    ) -> impl Future<Output = Result<()>> + Send + '_ {
+        self.delete_with::<T, _>(Task, id)
     }
 
     // ------------------------------------------------------- plain threads
@@ -355,23 +337,7 @@ impl InMemoryContextStorage {
 
     /// [`store_context`](Self::store_context) for plain threads.
     pub fn store_context_blocking<T: Context>(&self, id: Uuid, value: T) -> Result<u64> {
-        let mut value = value;
-        loop {
-            let busy = match self.store_now(id, value) {
-                Stored::Done(version) => return Ok(version),
-                Stored::Busy(back) => back,
-                Stored::Raced(back) => {
-                    value = back;
-                    continue;
-                }
-            };
-            if let Some(slot) = self.table.get::<T>(id) {
-                if lock_slot_blocking(&slot, None, self.fair_after) == Outcome::Locked {
-                    return Ok(self.replace_locked(&slot, busy));
-                }
-            }
-            value = busy;
-        }
+        now(self.store_with(Thread, id, value))
     }
 
     /// [`update_context`](Self::update_context) for plain threads.
@@ -396,12 +362,42 @@ impl InMemoryContextStorage {
 
     /// [`delete_context`](Self::delete_context) for plain threads.
     pub fn delete_context_blocking<T: Context>(&self, id: Uuid) -> Result<()> {
+        now(self.delete_with::<T, _>(Thread, id))
+    }
+
+    // ------------------------------------------------- writers, written once
+
+    /// `store_context` and `store_context_blocking`, waiting as `park` does.
+    async fn store_with<T: Context, P: Park>(&self, park: P, id: Uuid, value: T) -> Result<u64> {
+        let mut value = value;
+        loop {
+            let busy = match self.store_now(id, value) {
+                Stored::Done(version) => return Ok(version),
+                Stored::Busy(back) => back,
+                Stored::Raced(back) => {
+                    value = back;
+                    continue;
+                }
+            };
+            // (If it was deleted meanwhile, the next round creates it.)
+            if let Some(slot) = self.table.get::<T>(id) {
+                if let Some(slot) = park.lock(slot, self.fair_after).await {
+                    return Ok(self.replace_locked(&slot, busy));
+                }
+            }
+            value = busy;
+        }
+    }
+
+    /// `delete_context` and `delete_context_blocking`, waiting as `park`
+    /// does.
+    async fn delete_with<T: Context, P: Park>(&self, park: P, id: Uuid) -> Result<()> {
         loop {
             if let Some(done) = self.delete_now::<T>(id) {
                 return done;
             }
             let slot = self.table.get::<T>(id).ok_or_else(|| not_found::<T>(id))?;
-            if lock_slot_blocking(&slot, None, self.fair_after) == Outcome::Locked {
+            if let Some(slot) = park.lock(slot, self.fair_after).await {
                 self.unlink_locked(id, &slot);
                 return Ok(());
             }
