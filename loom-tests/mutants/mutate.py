@@ -317,6 +317,12 @@ M = {
  "AI_queue_path_misses_orphan": (PARK, [(
    "                if before & ORPHAN != 0 {\n                    drop(queue);",
    "                if false {\n                    drop(queue);")]),
+ # AJ: ending a slot (the store's drop, or an orphaned holder's release)
+ # marks it dead but does not end its watchers
+ "AJ_close_forgets_watchers": (PARK, [(
+   """        if self.state.fetch_or(DEAD, Ordering::Release) & WATCHED != 0 {
+            self.wake_watchers(Budget::All);
+        }""", "        self.state.fetch_or(DEAD, Ordering::Release);")]),
 }
 
 if sys.argv[1] == "list":

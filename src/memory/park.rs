@@ -627,11 +627,9 @@ impl RawLock {
         loop {
             if s & ORPHAN != 0 {
                 // The store is gone, and with it every way to wait for this
-                // lock: nobody else will take it. Mark it dead (an RMW, see
-                // `kill`; Release: pairs with the Acquire load in `watch`)
-                // and end the watchers, which hold the slot, not the store.
-                self.state.fetch_or(DEAD, Ordering::Release);
-                self.wake_watchers(Budget::All);
+                // lock: nobody else will take it. End the slot (`close`),
+                // whose watchers hold the slot, not the store.
+                self.close();
                 return true;
             }
             if s & QUEUED != 0 {
@@ -664,9 +662,7 @@ impl RawLock {
                     drop(queue);
                     // The store left us a reference, which keeps the slot
                     // alive until our caller drops it: end it as above.
-                    // Release: pairs with the Acquire load in `watch`.
-                    self.state.fetch_or(DEAD, Ordering::Release);
-                    self.wake_watchers(Budget::All);
+                    self.close();
                     return true;
                 }
                 Wake::Nobody
@@ -949,12 +945,16 @@ impl RawLock {
         }
     }
 
-    /// The store is being dropped and nobody holds this lock: mark it dead
-    /// (nobody can take it any more) and end its watchers.
+    /// Ends the slot once the store is gone: marks the lock dead (nobody
+    /// can take it any more) and ends its watchers. Called by the store's
+    /// drop for a lock nobody holds, and by the release of an orphaned
+    /// holder (`unlock_slow`).
     pub(crate) fn close(&self) {
-        // Release: pairs with the Acquire load in `watch`. A watcher links
-        // only after setting WATCHED (or finding it set), so without it
-        // nobody is linked, and nobody can link once DEAD is set.
+        // An RMW, not a store: a watcher's CAS setting WATCHED must not be
+        // overwritten (see `kill`). Release: pairs with the Acquire load in
+        // `watch`. A watcher links only after setting WATCHED (or finding
+        // it set), so without it nobody is linked, and nobody can link once
+        // DEAD is set (its CAS fails on DEAD, or its load reads it).
         if self.state.fetch_or(DEAD, Ordering::Release) & WATCHED != 0 {
             self.wake_watchers(Budget::All);
         }
