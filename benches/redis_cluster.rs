@@ -32,7 +32,11 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ctxstore::{Context, ContextStorage, ContextStorageExt, RedisContextStorage, Uuid};
+use redis_cluster_common::{masters, seeds};
 use tokio::runtime::Runtime;
+
+#[path = "../tests/redis_cluster_common/mod.rs"]
+mod redis_cluster_common;
 
 const TASKS: usize = 64;
 const KEYS: usize = 2_000;
@@ -51,15 +55,6 @@ impl Context for Counter {
 
 fn url() -> String {
     std::env::var("CTXSTORE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
-}
-
-fn seeds() -> Vec<String> {
-    match std::env::var("CTXSTORE_REDIS_CLUSTER") {
-        Ok(list) => list.split(',').map(|s| s.trim().to_owned()).collect(),
-        Err(_) => (7000..=7005)
-            .map(|p| format!("redis://127.0.0.1:{p}"))
-            .collect(),
-    }
 }
 
 struct Contender {
@@ -136,25 +131,6 @@ impl Contender {
             self.store.delete_context::<Counter>(*id).await.unwrap();
         }
     }
-}
-
-/// The cluster's masters (`host:port`), from `CLUSTER NODES`.
-async fn masters() -> Vec<String> {
-    let client = redis::Client::open(seeds()[0].as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let nodes: String = redis::cmd("CLUSTER")
-        .arg("NODES")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    nodes
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() > 8 && f[2].contains("master") && !f[2].contains("fail"))
-                .then(|| f[1].split(['@', ',']).next().unwrap().to_owned())
-        })
-        .collect()
 }
 
 async fn on(addr: &str) -> redis::aio::MultiplexedConnection {
@@ -242,7 +218,7 @@ fn benches(c: &mut Criterion) {
         .and_then(|r| r.parse().ok())
         .unwrap_or(if bench_mode { 8 } else { 1 })
         .max(1);
-    let addrs = rt.block_on(masters());
+    let addrs = masters();
     let mut times: [Vec<f64>; 2] = Default::default();
     let mut server_usec = 0.0;
     for round in 0..rounds {

@@ -5,12 +5,20 @@
 //! cargo run --release --example redis_workers --features redis -- demo --processes 4 --count 2000
 //! ```
 //!
-//! The `increment`, `optimistic`, `create-once` and `hold` subcommands are
-//! the worker roles; `demo` spawns `increment` workers of this same binary.
-//! The multi-process and fault tests (`tests/redis_processes.rs`) drive the
-//! roles directly.
+//! The `increment`, `optimistic`, `create-once`, `hold` and `spread`
+//! subcommands are the worker roles; `demo` spawns `increment` workers of
+//! this same binary. The multi-process and fault tests
+//! (`tests/redis_processes.rs`, and on a Redis Cluster
+//! `tests/redis_cluster_processes.rs` and `tests/redis_cluster_failover.rs`)
+//! drive the roles directly.
 //! Redis is taken from `--url`, else `CTXSTORE_REDIS_URL`, else
-//! `redis://127.0.0.1:6379`.
+//! `redis://127.0.0.1:6379`; with `--cluster <seed,seed,...>` the workers
+//! use a Redis Cluster instead:
+//!
+//! ```text
+//! cargo run --release --example redis_workers --features redis -- \
+//!     --cluster redis://127.0.0.1:7000,redis://127.0.0.1:7001 demo
+//! ```
 
 use std::io::Write;
 use std::process::{Command, ExitCode, Stdio};
@@ -44,8 +52,12 @@ struct Cli {
 #[derive(Args, Clone)]
 struct Conn {
     /// Redis URL (default: $CTXSTORE_REDIS_URL or redis://127.0.0.1:6379).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, conflicts_with = "cluster")]
     url: Option<String>,
+    /// Use a Redis Cluster through these seed nodes (comma-separated
+    /// `redis://host:port` URLs) instead of one server.
+    #[arg(long, global = true, value_delimiter = ',')]
+    cluster: Option<Vec<String>>,
     /// Key namespace shared by the cooperating processes.
     #[arg(long, global = true, default_value = "ctxstore-example")]
     namespace: String,
@@ -93,6 +105,29 @@ enum Role {
         #[arg(long)]
         hold_ms: u64,
     },
+    /// Increment `count` times a counter picked at random among `ids`, each
+    /// through a guard (`get_context`, change, `commit`). Every attempt
+    /// prints one line: `ok <id> <version>` (committed), `lost <id> <error>`
+    /// (the lease was lost: not applied), `conflict <id> <error>` (the
+    /// version moved: not applied), `unknown <id> <error>` (the commit
+    /// failed with a backend error: it may or may not have been applied) or
+    /// `err <id> <error>` (the lock or read failed: nothing applied). A
+    /// failed attempt is retried (on another random counter; after a short
+    /// pause on a backend error), so `count` increments are committed in
+    /// the end; then it prints `done <ok count>`. Errors that a retry
+    /// cannot cure (a missing counter, a bad value) end the worker
+    /// (exit 1) after their `err` line.
+    Spread {
+        /// The counters: a comma-separated list of ids, or a file with one
+        /// id per line.
+        #[arg(long)]
+        ids: String,
+        #[arg(long, default_value_t = 2000)]
+        count: u64,
+        /// The pause after a backend error, in milliseconds.
+        #[arg(long, default_value_t = 100)]
+        backoff_ms: u64,
+    },
     /// Create a counter, run `processes` increment workers of this binary on
     /// it and check the total.
     Demo {
@@ -112,7 +147,11 @@ impl Conn {
     }
 
     async fn connect(&self) -> ctxstore::Result<RedisContextStorage> {
-        let mut builder = RedisContextStorage::builder(self.url())
+        let builder = match &self.cluster {
+            Some(nodes) => RedisContextStorage::cluster_builder(nodes.clone()),
+            None => RedisContextStorage::builder(self.url()),
+        };
+        let mut builder = builder
             .namespace(self.namespace.clone())
             .lease(Duration::from_millis(self.lease_ms));
         if let Some(ms) = self.renew_ms {
@@ -122,14 +161,16 @@ impl Conn {
     }
 
     fn args(&self) -> Vec<String> {
-        let mut args = vec![
-            "--url".to_owned(),
-            self.url(),
+        let mut args = match &self.cluster {
+            Some(nodes) => vec!["--cluster".to_owned(), nodes.join(",")],
+            None => vec!["--url".to_owned(), self.url()],
+        };
+        args.extend([
             "--namespace".to_owned(),
             self.namespace.clone(),
             "--lease-ms".to_owned(),
             self.lease_ms.to_string(),
-        ];
+        ]);
         if let Some(ms) = self.renew_ms {
             args.extend(["--renew-ms".to_owned(), ms.to_string()]);
         }
@@ -211,6 +252,20 @@ async fn run(cli: Cli) -> ctxstore::Result<ExitCode> {
                 Err(e) => Err(e),
             }
         }
+        Role::Spread {
+            ids,
+            count,
+            backoff_ms,
+        } => {
+            let ids = parse_ids(&ids);
+            if ids.is_empty() {
+                eprintln!("redis_workers: spread needs at least one id");
+                return Ok(ExitCode::from(2));
+            }
+            let ok = spread(&store, &ids, count, Duration::from_millis(backoff_ms)).await?;
+            say(&format!("done {ok}"));
+            Ok(ExitCode::SUCCESS)
+        }
         Role::Demo { processes, count } => {
             let id = Uuid::new_v4();
             store.store_context(id, Counter { n: 0 }).await?;
@@ -249,4 +304,71 @@ async fn run(cli: Cli) -> ctxstore::Result<ExitCode> {
             })
         }
     }
+}
+
+/// `ids` as a comma-separated list of ids, or else as the path of a file
+/// with one id per line.
+fn parse_ids(ids: &str) -> Vec<Uuid> {
+    let text = if ids.contains(',') || ids.trim().parse::<Uuid>().is_ok() {
+        ids.to_owned()
+    } else {
+        std::fs::read_to_string(ids)
+            .unwrap_or_else(|e| panic!("spread --ids {ids}: neither ids nor a readable file: {e}"))
+    };
+    text.split([',', '\n'])
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().unwrap_or_else(|e| panic!("bad id {s:?}: {e}")))
+        .collect()
+}
+
+/// One line of output: no line breaks inside an error's text.
+fn one_line(e: &ContextError) -> String {
+    e.to_string().replace(['\n', '\r'], " ")
+}
+
+/// The `spread` role: `count` committed increments, one outcome line per
+/// attempt. Returns the number of `ok` lines.
+async fn spread(
+    store: &RedisContextStorage,
+    ids: &[Uuid],
+    count: u64,
+    backoff: Duration,
+) -> ctxstore::Result<u64> {
+    let mut ok = 0;
+    while ok < count {
+        let id = ids[rand::random_range(0..ids.len())];
+        let mut guard = match store.get_context::<Counter>(id).await {
+            Ok(guard) => guard,
+            Err(e) => {
+                say(&format!("err {id} {}", one_line(&e)));
+                if e.is_backend() {
+                    tokio::time::sleep(backoff).await;
+                    continue;
+                }
+                if e.is_timeout() || e.is_would_block() {
+                    continue;
+                }
+                return Err(e);
+            }
+        };
+        guard.n += 1;
+        match guard.commit().await {
+            Ok(version) => {
+                ok += 1;
+                say(&format!("ok {id} {version}"));
+            }
+            Err(e) if e.is_lease_lost() => say(&format!("lost {id} {}", one_line(&e))),
+            Err(e) if e.is_conflict() => say(&format!("conflict {id} {}", one_line(&e))),
+            Err(e) if e.is_backend() => {
+                say(&format!("unknown {id} {}", one_line(&e)));
+                tokio::time::sleep(backoff).await;
+            }
+            Err(e) => {
+                say(&format!("err {id} {}", one_line(&e)));
+                return Err(e);
+            }
+        }
+    }
+    Ok(ok)
 }

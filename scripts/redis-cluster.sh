@@ -7,6 +7,14 @@
 #   scripts/redis-cluster.sh stop     # shut every node down and remove its files
 #   scripts/redis-cluster.sh status   # cluster_state and the nodes
 #   scripts/redis-cluster.sh nodes    # the seed list for CTXSTORE_REDIS_CLUSTER
+#   scripts/redis-cluster.sh masters  # the ports of the current masters
+#   scripts/redis-cluster.sh kill-master [PORT]
+#                                     # SIGKILL a master (PORT, else the first
+#                                     # one found) and print its port
+#   scripts/redis-cluster.sh revive   # restart every node that is down (it
+#                                     # rejoins from its nodes.conf, a former
+#                                     # master as a replica); waits until the
+#                                     # cluster is whole again
 #
 # Then: CTXSTORE_REDIS_CLUSTER=$(scripts/redis-cluster.sh nodes) \
 #         cargo test --features redis,conformance --test redis_cluster
@@ -40,6 +48,111 @@ wait_ok() {
   return 1
 }
 
+# One node's redis-server, daemonized: the same command line for `start`
+# and `revive` (a restarted node finds its identity in its nodes.conf).
+server() {
+  local p=$1
+  mkdir -p "$DIR/$p"
+  redis-server --port "$p" --bind "$HOST" --daemonize yes \
+    --cluster-enabled yes --cluster-config-file "$DIR/$p/nodes.conf" \
+    --cluster-node-timeout 1000 --cluster-replica-validity-factor 0 \
+    --dir "$DIR/$p" --logfile "$DIR/$p/redis.log" --pidfile "$DIR/$p/redis.pid" \
+    --save "" --appendonly no
+}
+
+up() { cli "$1" ping >/dev/null 2>&1; }
+
+wait_up() {
+  for _ in $(seq 1 50); do
+    up "$1" && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+# CLUSTER NODES as seen from the first node that answers.
+cluster_nodes() {
+  for p in "${PORTS[@]}"; do
+    if up "$p"; then
+      cli "$p" cluster nodes | tr -d '\r'
+      return 0
+    fi
+  done
+  echo "redis-cluster: no node answers" >&2
+  return 1
+}
+
+# The ports of the masters that are not marked failed, one a line.
+masters() {
+  cluster_nodes | awk '$3 ~ /master/ && $3 !~ /fail/ { split($2, a, "[:@]"); print a[2] }' | sort -n
+}
+
+kill_master() {
+  local port=${1:-}
+  if [ -z "$port" ]; then
+    port=$(masters | sed -n 1p)
+    [ -n "$port" ] || { echo "redis-cluster: no master found" >&2; return 1; }
+  elif ! masters | grep -x "$port" >/dev/null; then
+    echo "redis-cluster: $port is not a master" >&2
+    return 1
+  fi
+  local pid
+  pid=$(cli "$port" info server | tr -d '\r' | sed -n 's/^process_id://p')
+  [ -n "$pid" ] || pid=$(cat "$DIR/$port/redis.pid")
+  kill -KILL "$pid"
+  for _ in $(seq 1 50); do
+    up "$port" || break
+    sleep 0.1
+  done
+  echo "$port"
+}
+
+# Every node up, cluster_state:ok everywhere, every slot covered, no node
+# flagged as failing by any node, every replica in sync with its master.
+wait_whole() {
+  wait_ok
+  for _ in $(seq 1 120); do
+    local whole=1
+    for p in "${PORTS[@]}"; do
+      if cli "$p" cluster nodes | tr -d '\r' | awk '$3 ~ /fail/ { bad = 1 } END { exit !bad }'; then
+        whole=0
+        break
+      fi
+      local info
+      info=$(cli "$p" info replication 2>/dev/null | tr -d '\r') || { whole=0; break; }
+      if grep -q '^role:slave$' <<<"$info" && ! grep -q '^master_link_status:up$' <<<"$info"; then
+        whole=0
+        break
+      fi
+    done
+    if [ "$whole" = 1 ] && [ "$(state "${PORTS[0]}")" = ok ]; then
+      return 0
+    fi
+    sleep 0.5
+  done
+  echo "redis-cluster: the cluster did not become whole again" >&2
+  return 1
+}
+
+revive() {
+  local revived=()
+  for p in "${PORTS[@]}"; do
+    if ! up "$p"; then
+      [ -f "$DIR/$p/nodes.conf" ] || {
+        echo "redis-cluster: no $DIR/$p/nodes.conf; run $0 start" >&2
+        return 1
+      }
+      server "$p"
+      revived+=("$p")
+    fi
+  done
+  for p in "${revived[@]}"; do
+    wait_up "$p" || { echo "redis-cluster: node $p did not come up" >&2; return 1; }
+  done
+  wait_whole
+  echo "redis-cluster: revived ${revived[*]:-nothing}; cluster_state:ok, every node up and in sync"
+}
+
 start() {
   if [ "$(state "${PORTS[0]}")" = ok ]; then
     echo "redis-cluster: already running (cluster_state:ok)"
@@ -49,18 +162,10 @@ start() {
   stop >/dev/null 2>&1 || true
   mkdir -p "$DIR"
   for p in "${PORTS[@]}"; do
-    mkdir -p "$DIR/$p"
-    redis-server --port "$p" --bind "$HOST" --daemonize yes \
-      --cluster-enabled yes --cluster-config-file "$DIR/$p/nodes.conf" \
-      --cluster-node-timeout 1000 --cluster-replica-validity-factor 0 \
-      --dir "$DIR/$p" --logfile "$DIR/$p/redis.log" --pidfile "$DIR/$p/redis.pid" \
-      --save "" --appendonly no
+    server "$p"
   done
   for p in "${PORTS[@]}"; do
-    for _ in $(seq 1 50); do
-      cli "$p" ping >/dev/null 2>&1 && break
-      sleep 0.1
-    done
+    wait_up "$p" || true
   done
   local addrs=()
   for p in "${PORTS[@]}"; do addrs+=("$HOST:$p"); done
@@ -96,5 +201,8 @@ case "${1:-}" in
   stop) stop ;;
   status) cli "${PORTS[0]}" cluster info | head -3; cli "${PORTS[0]}" cluster nodes ;;
   nodes) nodes ;;
-  *) echo "usage: $0 start|stop|status|nodes" >&2; exit 2 ;;
+  masters) masters ;;
+  kill-master) kill_master "${2:-}" ;;
+  revive) revive ;;
+  *) echo "usage: $0 start|stop|status|nodes|masters|kill-master [PORT]|revive" >&2; exit 2 ;;
 esac

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use ctxstore::{Context, ContextStorageExt, ContextType, RedisContextStorage, Uuid};
-use redis_cluster_common::{seeds, NEEDS_CLUSTER};
+use redis_cluster_common::{keys_per_master, seeds, NEEDS_CLUSTER};
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 struct Job {
@@ -40,57 +40,6 @@ async fn slow_polling_store(ns: &str) -> RedisContextStorage {
         .expect(NEEDS_CLUSTER)
 }
 
-/// The masters' addresses (`host:port`), from `CLUSTER NODES` on a seed.
-async fn masters() -> Vec<String> {
-    let client = redis::Client::open(seeds()[0].as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let nodes: String = redis::cmd("CLUSTER")
-        .arg("NODES")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    nodes
-        .lines()
-        .filter(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() > 8 && f[2].contains("master") && !f[2].contains("fail")
-        })
-        .map(|l| {
-            let addr = l.split_whitespace().nth(1).unwrap();
-            addr.split(['@', ',']).next().unwrap().to_owned()
-        })
-        .collect()
-}
-
-/// How many keys matching `pattern` each master holds.
-async fn keys_per_master(pattern: &str) -> BTreeMap<String, usize> {
-    let mut out = BTreeMap::new();
-    for addr in masters().await {
-        let client = redis::Client::open(format!("redis://{addr}")).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        let mut cursor: u64 = 0;
-        let mut n = 0;
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            n += keys.len();
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
-        out.insert(addr, n);
-    }
-    out
-}
-
 #[tokio::test]
 async fn contexts_and_their_version_floors_spread_over_every_master() {
     let ns = namespace();
@@ -105,7 +54,7 @@ async fn contexts_and_their_version_floors_spread_over_every_master() {
             format!("{ns}:{{{id}}}:cluster.job")
         );
     }
-    let data = keys_per_master(&format!("{ns}:{{*}}:cluster.job")).await;
+    let data = keys_per_master(&format!("{ns}:{{*}}:cluster.job"));
     assert_eq!(data.len(), 3, "three masters: {data:?}");
     assert_eq!(data.values().sum::<usize>(), 300, "{data:?}");
     assert!(
@@ -128,11 +77,15 @@ async fn contexts_and_their_version_floors_spread_over_every_master() {
             .update_context::<Job, _, _>(*id, |j| j.n += 1)
             .await
             .unwrap();
-        let v = store.get_context_snapshot::<Job>(*id).await.unwrap().version();
+        let v = store
+            .get_context_snapshot::<Job>(*id)
+            .await
+            .unwrap()
+            .version();
         last.insert(*id, v);
         store.delete_context::<Job>(*id).await.unwrap();
     }
-    let floors = keys_per_master(&format!("{ns}:#floor:*")).await;
+    let floors = keys_per_master(&format!("{ns}:#floor:*"));
     assert!(
         floors.values().all(|&n| n > 10),
         "version floors live in every master: {floors:?}"
@@ -207,7 +160,11 @@ async fn a_watch_is_woken_through_sharded_pubsub() {
             .update_context::<Job, _, _>(id, |j| j.n = n)
             .await
             .unwrap();
-        let v = writer.get_context_snapshot::<Job>(id).await.unwrap().version();
+        let v = writer
+            .get_context_snapshot::<Job>(id)
+            .await
+            .unwrap()
+            .version();
         let committed = Instant::now();
         let snap = tokio::time::timeout(Duration::from_secs(60), watch.changed())
             .await
