@@ -192,3 +192,39 @@ async fn a_namespace_with_braces_is_refused_on_a_cluster() {
         .unwrap_err();
     assert!(e.to_string().contains("seed"), "{e}");
 }
+
+/// A lease that vanishes from its master (what a failover to a replica
+/// that never received it does; here: deleted on the key's master through
+/// the cluster) is reported, and the guard's commit fails with `LeaseLost`
+/// and writes nothing: never a silent overwrite.
+#[tokio::test]
+async fn a_lease_lost_with_its_master_fails_the_commit() {
+    let ns = namespace();
+    let store = RedisContextStorage::cluster_builder(seeds())
+        .namespace(&ns)
+        .lease(Duration::from_millis(600))
+        .renewal_interval(Duration::from_millis(100))
+        .connect()
+        .await
+        .expect(NEEDS_CLUSTER);
+    let id = Uuid::new_v4();
+    let v0 = store.store_context(id, Job { n: 1 }).await.unwrap();
+    let mut g = store.get_context::<Job>(id).await.unwrap();
+    let lock = format!("{}:lock", store.data_key(ContextType::of::<Job>(), id));
+    let client = redis::cluster::ClusterClient::new(seeds()).unwrap();
+    let mut conn = client.get_async_connection().await.unwrap();
+    let removed: i64 = redis::cmd("DEL")
+        .arg(&lock)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(removed, 1, "the guard's lease was at {lock}");
+    tokio::time::timeout(Duration::from_secs(10), g.lease_lost())
+        .await
+        .expect("the lost lease was never reported");
+    g.n = 99;
+    let e = g.commit().await.unwrap_err();
+    assert!(e.is_lease_lost(), "{e}");
+    let snap = store.get_context_snapshot::<Job>(id).await.unwrap();
+    assert_eq!((snap.n, snap.version()), (1, v0), "nothing was written");
+}
