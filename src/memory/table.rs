@@ -53,6 +53,11 @@ impl Table {
     pub(crate) fn with_capacity(capacity: usize) -> Self {
         let collector = Arc::new(seize::Collector::new());
         Self {
+            // papaya's and seize's defaults (incremental resize, batches
+            // of 32), kept by measurement: no other resize mode, batch size
+            // or capacity saves 3% of a W6 lifecycle, bigger batches cost
+            // more, and a blocking resize stalls one insert for a copy of
+            // the whole table (docs/bench-profile.md, "A lifecycle (W6)").
             map: papaya::HashMap::builder()
                 .capacity(capacity)
                 .hasher(foldhash::fast::RandomState::default())
