@@ -39,10 +39,12 @@ mod imp {
         }
 
         #[inline]
-        pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, T> {
+        pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
             self.0.lock().unwrap_or_else(|e| e.into_inner())
         }
     }
+
+    pub(crate) type MutexGuard<'a, T> = std::sync::MutexGuard<'a, T>;
 
     /// `UnsafeCell` with loom's closure-based API.
     #[derive(Debug)]
@@ -144,10 +146,12 @@ mod imp {
             Self(loom::sync::Mutex::new(value))
         }
 
-        pub(crate) fn lock(&self) -> loom::sync::MutexGuard<'_, T> {
+        pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
             self.0.lock().unwrap_or_else(|e| e.into_inner())
         }
     }
+
+    pub(crate) type MutexGuard<'a, T> = loom::sync::MutexGuard<'a, T>;
 
     pub(crate) use loom::cell::UnsafeCell;
 

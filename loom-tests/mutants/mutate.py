@@ -125,18 +125,13 @@ M = {
         refs.fetch_or(DRAFT, Ordering::Relaxed);
         true
     }""")]),
- # L: kill marks waiters KILLED (and unlinks them) but never wakes them.
- # Two variants: kill as committed, and kill as it is being rewritten.
- "L_kill_forgets_wakeups": [
-   (PARK, [("""            for w in wakes {
-                w.wake();
-            }""", """            drop(wakes);""")]),
-   (PARK, [("""            for wake in wakes {
+ # L: the drain (kill's, and the watchers' wake-up) completes the waiters
+ # (KILLED / WOKEN, unlinked) but never wakes them
+ "L_kill_forgets_wakeups": (PARK, [("""            for wake in wakes {
                 wake.wake();
             }
-            queue = self.queue.lock();""", """            drop(wakes);
-            queue = self.queue.lock();""")]),
- ],
+            list = mutex.lock();""", """            drop(wakes);
+            list = mutex.lock();""")]),
  # M: cancel treats any completed waiter (KILLED too) as granted
  "M_cancel_killed_as_granted": (PARK, [(
    "            GRANTED => return true,",
@@ -156,19 +151,11 @@ M = {
  "P_recycle_relaxed": ("src/memory/version.rs", [(
    "refs.compare_exchange(1, DRAFT | 1, Ordering::Acquire, Ordering::Relaxed)",
    "refs.compare_exchange(1, DRAFT | 1, Ordering::Relaxed, Ordering::Relaxed)")]),
- # Q (new; the letter was unused): kill stops after its first batch of
- # wake-ups (16 waiters): the waiters beyond it stay queued on a dead lock,
- # never woken. Two variants, as for L.
- "Q_kill_stops_after_first_batch": [
-   (PARK, [("let more = n == BATCH;", "let more = false;")]),
-   (PARK, [("""            for wake in wakes {
-                wake.wake();
-            }
-            queue = self.queue.lock();""", """            for wake in wakes {
-                wake.wake();
-            }
-            return;""")]),
- ],
+ # Q: kill fails only its first batch of waiters (16): the waiters beyond
+ # it stay queued on a dead lock, never woken
+ "Q_kill_stops_after_first_batch": (PARK, [(
+   "self.drain(&self.queue, queue, KILLED, usize::MAX, QUEUED);",
+   "self.drain(&self.queue, queue, KILLED, 16, QUEUED);")]),
  # R: a woken waiter that is dropped keeps its wake-up (`cancel` of a WOKEN
  # waiter does not pass it on to the next waiter)
  "R_woken_cancel_keeps_wakeup": (PARK, [(

@@ -123,8 +123,8 @@ use std::task::Waker;
 use std::time::Duration;
 
 use crate::sync::{
-    handoff_due, spin_hint, spin_rounds, AtomicU64, AtomicU8, Mutex, Ordering, Since, Thread,
-    UnsafeCell,
+    handoff_due, spin_hint, spin_rounds, AtomicU64, AtomicU8, Mutex, MutexGuard, Ordering, Since,
+    Thread, UnsafeCell,
 };
 
 pub(crate) const LOCKED: u64 = 1;
@@ -761,44 +761,69 @@ impl RawLock {
     }
 
     /// Marks the lock dead (the caller holds it) and fails every waiter.
-    /// The lock is never released afterwards. Wakes in batches outside the
-    /// mutex (no allocation); no waiter can join once `DEAD` is set.
+    /// The lock is never released afterwards. No waiter can join once
+    /// `DEAD` is set.
     pub(crate) fn kill(&self) {
-        const BATCH: usize = 16;
-        let mut queue = self.queue.lock();
+        let queue = self.queue.lock();
         // Release: a later acquirer or watcher that reads DEAD (with
         // Acquire or under a mutex) sees everything the deleting holder
         // did. An RMW, not a store: a watcher's CAS setting WATCHED may
         // land just before it, and must not be overwritten (the loom model
         // `watch_racing_delete_ends_not_found` caught exactly that).
         let before = self.state.fetch_or(DEAD, Ordering::Release);
-        // The common case (nobody waits) builds no batch.
-        while !queue.is_empty() {
-            let mut wakes: [Wake; BATCH] = std::array::from_fn(|_| Wake::Nobody);
-            for wake in &mut wakes {
-                // SAFETY: we hold the mutex.
-                let Some(w) = (unsafe { queue.pop_front() }) else {
-                    break;
-                };
-                // SAFETY: unlinked just now, under the mutex.
-                *wake = unsafe { complete(w, KILLED) };
-            }
-            drop(queue);
-            for wake in wakes {
-                wake.wake();
-            }
-            queue = self.queue.lock();
-        }
-        // Relaxed: no waiter can queue on a dead lock; ordered with the
-        // other QUEUED changes by this mutex.
-        self.state.fetch_and(!QUEUED, Ordering::Relaxed);
-        drop(queue);
+        // The common case (nobody waits) wakes nobody and builds no batch.
+        self.drain(&self.queue, queue, KILLED, usize::MAX, QUEUED);
         // Every watcher must now learn that the context is gone (nobody can
         // link any more: `watch` reads DEAD first). A watcher links only
         // after setting WATCHED (or finding it set), so without it nobody is
         // linked and the watch mutex is not needed.
         if before & WATCHED != 0 {
             self.wake_watchers(Budget::All);
+        }
+    }
+
+    /// Completes the waiters of `list` (`mutex`'s, locked) with `outcome`,
+    /// at most `left` of them, and wakes them in batches of 16 outside the
+    /// mutex, without allocating. `non_empty` is the lock word's bit that
+    /// says the list has someone (`QUEUED` or `WATCHED`): cleared, under
+    /// the mutex, once the list is empty. Used by `kill` (every queued
+    /// waiter, `KILLED`) and `wake_watchers` (`WOKEN`).
+    fn drain<'a>(
+        &self,
+        mutex: &'a Mutex<List>,
+        mut list: MutexGuard<'a, List>,
+        outcome: u8,
+        mut left: usize,
+        non_empty: u64,
+    ) {
+        const BATCH: usize = 16;
+        while left > 0 && !list.is_empty() {
+            let mut wakes: [Wake; BATCH] = std::array::from_fn(|_| Wake::Nobody);
+            for wake in &mut wakes {
+                if left == 0 {
+                    break;
+                }
+                // SAFETY: we hold the mutex.
+                let Some(w) = (unsafe { list.pop_front() }) else {
+                    break;
+                };
+                left -= 1;
+                // SAFETY: unlinked just now, under the mutex.
+                *wake = unsafe { complete(w, outcome) };
+            }
+            if list.is_empty() {
+                // Relaxed: QUEUED and WATCHED are only read by RMWs (and
+                // under this mutex) ordered with this one by coherence of
+                // the lock word and by the mutex; a releaser that still
+                // sees the bit finds an empty list under the mutex and
+                // wakes nobody. No waiter joins a dead lock's queue.
+                self.state.fetch_and(!non_empty, Ordering::Relaxed);
+            }
+            drop(list);
+            for wake in wakes {
+                wake.wake();
+            }
+            list = mutex.lock();
         }
     }
 
@@ -906,43 +931,19 @@ impl RawLock {
         );
     }
 
-    /// Completes the linked watchers (`WOKEN`) and wakes them, in batches of
-    /// 16 outside the mutex, without allocating. `LinkedNow`: at most as
-    /// many as are linked when it starts (a watcher that links again after
-    /// its wake-up waits for a newer version, and is not woken twice by one
-    /// release, so the work is bounded); `All`: until the list is empty (a
-    /// dead lock, which nobody can link to any more).
+    /// Completes the linked watchers (`WOKEN`) and wakes them (`drain`).
+    /// `LinkedNow`: at most as many as are linked when it starts (a
+    /// watcher that links again after its wake-up waits for a newer
+    /// version, and is not woken twice by one release, so the work is
+    /// bounded); `All`: until the list is empty (a dead lock, which nobody
+    /// can link to any more).
     fn wake_watchers(&self, budget: Budget) {
-        const BATCH: usize = 16;
-        let mut list = self.watchers.lock();
-        let mut left = match budget {
+        let list = self.watchers.lock();
+        let left = match budget {
             Budget::LinkedNow => list.len,
             Budget::All => usize::MAX,
         };
-        while left > 0 && !list.is_empty() {
-            let mut wakes: [Wake; BATCH] = std::array::from_fn(|_| Wake::Nobody);
-            for wake in &mut wakes {
-                if left == 0 {
-                    break;
-                }
-                // SAFETY: we hold the mutex.
-                let Some(w) = (unsafe { list.pop_front() }) else {
-                    break;
-                };
-                left -= 1;
-                // SAFETY: unlinked just now, under the mutex.
-                *wake = unsafe { complete(w, WOKEN) };
-            }
-            if list.is_empty() {
-                // Relaxed: see `unwatch`.
-                self.state.fetch_and(!WATCHED, Ordering::Relaxed);
-            }
-            drop(list);
-            for wake in wakes {
-                wake.wake();
-            }
-            list = self.watchers.lock();
-        }
+        self.drain(&self.watchers, list, WOKEN, left, WATCHED);
     }
 
     /// Ends the slot once the store is gone: marks the lock dead (nobody
