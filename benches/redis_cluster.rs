@@ -220,7 +220,10 @@ fn benches(c: &mut Criterion) {
         .max(1);
     let addrs = masters();
     // The servers each contender runs on: the one server, or every master.
-    let node = vec![url().trim_start_matches("redis://").trim_end_matches('/').to_owned()];
+    let node = vec![url()
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .to_owned()];
     let servers = [&node, &addrs];
     let mut times: [Vec<f64>; 2] = Default::default();
     let mut server_usec = [0.0; 2];
