@@ -15,6 +15,17 @@
 #                                     # rejoins from its nodes.conf, a former
 #                                     # master as a replica); waits until the
 #                                     # cluster is whole again
+#   scripts/redis-cluster.sh reshard FROM_PORT TO_PORT SLOTS [PIPELINE]
+#                                     # move SLOTS slots (the lowest ones
+#                                     # FROM_PORT serves) from master
+#                                     # FROM_PORT to master TO_PORT with
+#                                     # redis-cli --cluster reshard, keys
+#                                     # and all, PIPELINE keys per MIGRATE
+#                                     # (default 10; 1 keeps each slot
+#                                     # migrating longest); waits until
+#                                     # every node agrees on the slot map
+#                                     # and no slot is left migrating or
+#                                     # importing
 #
 # Then: CTXSTORE_REDIS_CLUSTER=$(scripts/redis-cluster.sh nodes) \
 #         cargo test --features redis,conformance --test redis_cluster
@@ -196,6 +207,94 @@ nodes() {
   (IFS=,; echo "${out[*]}")
 }
 
+# `redis-cli --cluster check`: every node agrees on the slots, all 16384
+# are covered, none is open (migrating or importing).
+agreed() {
+  local out
+  out=$(redis-cli --cluster check "$HOST:$1" 2>&1) || return 1
+  grep -q 'All nodes agree about slots configuration' <<<"$out" || return 1
+  grep -q 'All 16384 slots covered' <<<"$out" || return 1
+  ! grep -qE '^\[(ERR|WARNING)\]' <<<"$out"
+}
+
+# The slots that the CLUSTER NODES line(s) on stdin assign, one a line
+# (open slots, `[slot->-id]` or `[slot-<-id]`, are not counted).
+expand_slots() {
+  awk '{ for (i = 9; i <= NF; i++) { if ($i ~ /^\[/) continue; n = split($i, r, "-");
+         for (s = r[1]; s <= r[n]; s++) print s } }'
+}
+
+# A Redis 7.0 race (fixed in later Redis: "process loss of slot ownership
+# in cluster bus") can leave the importing master without a slot that it
+# took and that every other node assigns to it; nothing makes it claim the
+# slot again, so redirections for the slot would go back and forth between
+# the two masters. For every master, claim on it each such slot (that
+# every other node that answers assigns to it) with CLUSTER SETSLOT NODE.
+heal() {
+  local m id others own missing q s
+  for m in $(masters); do
+    id=$(cli "$m" cluster myid | tr -d '\r')
+    own=$(cli "$m" cluster nodes | tr -d '\r' | awk '$3 ~ /myself/' | expand_slots | sort -u)
+    others=0
+    missing=$(
+      for q in "${PORTS[@]}"; do
+        [ "$q" = "$m" ] && continue
+        up "$q" || continue
+        cli "$q" cluster nodes | tr -d '\r' | awk -v id="$id" '$1 == id' | expand_slots | sort -u
+      done | sort | uniq -c
+    )
+    for q in "${PORTS[@]}"; do
+      [ "$q" != "$m" ] && up "$q" && others=$((others + 1))
+    done
+    missing=$(awk -v n="$others" '$1 == n { print $2 }' <<<"$missing" | sort -u | comm -23 - <(echo "$own"))
+    for s in $missing; do
+      echo "redis-cluster: master $m does not claim slot $s that every other node assigns to it; CLUSTER SETSLOT $s NODE on it" >&2
+      cli "$m" cluster setslot "$s" node "$id" >/dev/null
+    done
+  done
+}
+
+wait_agreed() {
+  for i in $(seq 1 120); do
+    agreed "$1" && return 0
+    # After 5 s of disagreement, look for the one kind that never heals.
+    [ "$i" -eq 20 ] && heal
+    sleep 0.25
+  done
+  echo "redis-cluster: the nodes do not agree on the slot map (redis-cli --cluster check $HOST:$1):" >&2
+  redis-cli --cluster check "$HOST:$1" >&2 || true
+  return 1
+}
+
+reshard() {
+  local from=${1:-} to=${2:-} slots=${3:-} pipeline=${4:-10}
+  if [ -z "$from" ] || [ -z "$to" ] || ! [[ "$slots" =~ ^[0-9]+$ ]] || [ "$slots" -eq 0 ] ||
+    ! [[ "$pipeline" =~ ^[0-9]+$ ]] || [ "$pipeline" -eq 0 ]; then
+    echo "usage: $0 reshard FROM_PORT TO_PORT SLOTS [PIPELINE]" >&2
+    return 2
+  fi
+  local p
+  for p in "$from" "$to"; do
+    masters | grep -x "$p" >/dev/null || { echo "redis-cluster: $p is not a master" >&2; return 1; }
+  done
+  local from_id to_id
+  from_id=$(cli "$from" cluster myid | tr -d '\r')
+  to_id=$(cli "$to" cluster myid | tr -d '\r')
+  # redis-cli refuses to reshard while the nodes disagree (gossip after
+  # a previous reshard may still be on its way).
+  wait_agreed "$from"
+  mkdir -p "$DIR"
+  if ! redis-cli --cluster reshard "$HOST:$from" --cluster-from "$from_id" --cluster-to "$to_id" \
+    --cluster-slots "$slots" --cluster-pipeline "$pipeline" --cluster-yes >"$DIR/reshard.log" 2>&1; then
+    echo "redis-cluster: reshard $from -> $to ($slots slots) failed; the end of $DIR/reshard.log:" >&2
+    tail -20 "$DIR/reshard.log" >&2
+    return 1
+  fi
+  wait_ok
+  wait_agreed "$from"
+  echo "redis-cluster: moved $slots slots from $from to $to"
+}
+
 case "${1:-}" in
   start) start ;;
   stop) stop ;;
@@ -204,5 +303,6 @@ case "${1:-}" in
   masters) masters ;;
   kill-master) kill_master "${2:-}" ;;
   revive) revive ;;
-  *) echo "usage: $0 start|stop|status|nodes|masters|kill-master [PORT]|revive" >&2; exit 2 ;;
+  reshard) reshard "${2:-}" "${3:-}" "${4:-}" "${5:-}" ;;
+  *) echo "usage: $0 start|stop|status|nodes|masters|kill-master [PORT]|revive|reshard FROM_PORT TO_PORT SLOTS [PIPELINE]" >&2; exit 2 ;;
 esac

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
-use redis::{Client, ProtocolVersion, PushInfo, Value};
+use redis::{Client, ProtocolVersion, PushInfo, PushKind, Value};
 
 use super::topology::{Conn, SlotSet, Topology};
 use super::wait::{on_push, WaitRegistry};
@@ -129,7 +129,16 @@ impl RedisContextStorageBuilder {
         }
         let waits = Arc::new(WaitRegistry::default());
         let weak: Weak<WaitRegistry> = Arc::downgrade(&waits);
+        // The cluster's slot subscriptions, forgotten when they may be gone
+        // (before everyone is woken, so that they subscribe again).
+        let slots = Arc::new(SlotSet::default());
+        let forget = Arc::downgrade(&slots);
         let push = move |info: PushInfo| -> std::result::Result<(), ()> {
+            if matches!(info.kind, PushKind::Disconnection | PushKind::SUnsubscribe) {
+                if let Some(slots) = forget.upgrade() {
+                    slots.forget();
+                }
+            }
             match weak.upgrade() {
                 Some(waits) => {
                     on_push(&waits, info);
@@ -140,7 +149,7 @@ impl RedisContextStorageBuilder {
         };
         let (conn, sub, topology) = match &self.target {
             Target::Node(url) => self.connect_node(url, push).await?,
-            Target::Cluster(nodes) => self.connect_cluster(nodes, push).await?,
+            Target::Cluster(nodes) => self.connect_cluster(nodes, push, slots).await?,
         };
         check_durability(conn.clone(), &self.namespace).await;
 
@@ -210,6 +219,7 @@ impl RedisContextStorageBuilder {
         &self,
         nodes: &[String],
         push: impl redis::aio::AsyncPushSender,
+        subscribed: Arc<SlotSet>,
     ) -> Result<Connected> {
         if nodes.is_empty() {
             return Err(setup_error(message(
@@ -233,7 +243,13 @@ impl RedisContextStorageBuilder {
             // Retries through redirections, reconnections and a failover
             // (a replica is promoted within seconds) for up to a lease
             // period: longer, and the lease it serves would be gone anyway.
+            // Waits 5 ms to 0.5 s between retries (exponential, jittered):
+            // the driver's default minimum of 1.28 s made every `TRYAGAIN`
+            // of a slot being migrated cost over a second
+            // (`tests/redis_cluster_reshard.rs`).
             b.overall_response_timeout(Some(self.lease))
+                .min_retry_wait(5)
+                .max_retry_wait(500)
         };
         let client = builder().build().map_err(|e| setup_error(boxed(e)))?;
         let conn = client
@@ -251,7 +267,7 @@ impl RedisContextStorageBuilder {
             .map_err(|e| setup_error(boxed(e)))?;
         let topology = Topology::Cluster {
             sub: sub.clone(),
-            subscribed: SlotSet::default(),
+            subscribed,
         };
         Ok((Conn::Cluster(conn), Conn::Cluster(sub), topology))
     }

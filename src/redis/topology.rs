@@ -10,11 +10,11 @@
 //! (`ns:{id}:kind`), and its scripts pass the floor and channel of the
 //! context's slot, which `SPUBLISH`es. A process subscribes to a slot's
 //! channel the first time it waits for or watches a key of that slot
-//! ([`Topology::listen`]); the driver moves the subscription when the slot
-//! moves (failover, resharding).
+//! ([`Topology::listen`]), and again after the subscriptions may have been
+//! lost (a dropped connection, a slot moved away: [`SlotSet::forget`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster_async::ClusterConnection;
@@ -120,8 +120,9 @@ pub(super) enum Topology {
     Cluster {
         /// The RESP3 connection holding the sharded subscriptions.
         sub: ClusterConnection,
-        /// The slots whose channel this process has subscribed to.
-        subscribed: SlotSet,
+        /// The slots whose channel this process has subscribed to (shared
+        /// with the push handler, which clears it; see `forget`).
+        subscribed: Arc<SlotSet>,
     },
 }
 
@@ -167,10 +168,11 @@ impl Topology {
             return Ok(false);
         }
         // Two tasks may both subscribe the slot: `SSUBSCRIBE` is idempotent.
+        let since = subscribed.generation();
         sub.clone()
             .ssubscribe(slot_channel(namespace, slot))
             .await?;
-        subscribed.insert(slot);
+        subscribed.insert(slot, since);
         Ok(true)
     }
 }
@@ -179,26 +181,74 @@ fn slot_channel(namespace: &str, slot: u16) -> String {
     format!("{namespace}:#wake:{{{}}}", slot_tag(slot))
 }
 
-/// A set of hash slots, one bit each.
-pub(super) struct SlotSet(Box<[AtomicU64]>);
+/// A set of hash slots, one bit each, with a generation that `forget`
+/// bumps (so that a subscription that raced a `forget` is not trusted).
+pub(super) struct SlotSet {
+    bits: Box<[AtomicU64]>,
+    generation: AtomicU64,
+}
 
 impl Default for SlotSet {
     fn default() -> Self {
-        SlotSet((0..SLOTS / 64).map(|_| AtomicU64::new(0)).collect())
+        SlotSet {
+            bits: (0..SLOTS / 64).map(|_| AtomicU64::new(0)).collect(),
+            generation: AtomicU64::new(0),
+        }
     }
 }
 
+// Orderings: `contains`/`insert` of one subscriber pair Acquire/Release
+// (a set bit is read after the subscription that set it was confirmed).
+// `forget` against a subscriber is the store-buffering pattern (each
+// writes one location and reads the other), so those four accesses are
+// SeqCst: `forget` bumps the generation, then clears the bits; a
+// subscriber sets its bit, then reads the generation. In the one total
+// order, either the subscriber's read sees the bump (it removes its bit
+// itself) or its bit was set before the clear (which removes it).
 impl SlotSet {
-    fn contains(&self, slot: u16) -> bool {
-        // Acquire pairs with the Release in `insert`: a set bit is read
-        // after the subscription that set it was confirmed (and so is in
-        // force on the server before any attempt that follows this read).
-        self.0[usize::from(slot / 64)].load(Ordering::Acquire) & (1 << (slot % 64)) != 0
+    fn word(&self, slot: u16) -> (&AtomicU64, u64) {
+        (&self.bits[usize::from(slot / 64)], 1 << (slot % 64))
     }
 
-    fn insert(&self, slot: u16) {
-        // Release pairs with the Acquire in `contains`.
-        self.0[usize::from(slot / 64)].fetch_or(1 << (slot % 64), Ordering::Release);
+    fn contains(&self, slot: u16) -> bool {
+        let (word, bit) = self.word(slot);
+        // Acquire: pairs with the SeqCst (so also Release) RMW in `insert`.
+        word.load(Ordering::Acquire) & bit != 0
+    }
+
+    /// The generation before a subscription is sent (see `insert`).
+    fn generation(&self) -> u64 {
+        // SeqCst: see the orderings above.
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// Marks `slot` subscribed by a subscription sent after the
+    /// generation `since` was read; if a `forget` came since, the mark is
+    /// taken back (the subscription may have been lost with it).
+    fn insert(&self, slot: u16, since: u64) {
+        let (word, bit) = self.word(slot);
+        // SeqCst: see the orderings above.
+        word.fetch_or(bit, Ordering::SeqCst);
+        if self.generation() != since {
+            // Relaxed: only makes us subscribe again later.
+            word.fetch_and(!bit, Ordering::Relaxed);
+        }
+    }
+
+    /// Forgets every slot: the next wait or watch of each subscribes again.
+    /// For when the server may have dropped the subscriptions: a
+    /// connection dropped (`Disconnection`), or the server unsubscribed
+    /// one (`SUnsubscribe`, its slot moved away). The driver re-subscribes
+    /// by itself, but `redis` 1.8 sends all of a node's shard channels in
+    /// one `SSUBSCRIBE`, which Redis refuses (`CROSSSLOT`) as soon as they
+    /// span two slots: without this, those wake-ups would be gone for good
+    /// and waiters would fall back to polling.
+    pub(super) fn forget(&self) {
+        // SeqCst, both: see the orderings above.
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        for word in self.bits.iter() {
+            word.store(0, Ordering::SeqCst);
+        }
     }
 }
 
@@ -335,13 +385,21 @@ mod tests {
     }
 
     #[test]
-    fn the_slot_set_remembers_each_slot() {
+    fn the_slot_set_remembers_each_slot_until_it_forgets() {
         let set = SlotSet::default();
         assert!(!set.contains(0) && !set.contains(16383));
-        set.insert(16383);
-        set.insert(64);
+        let g = set.generation();
+        set.insert(16383, g);
+        set.insert(64, g);
         assert!(set.contains(16383) && set.contains(64));
         assert!(!set.contains(63) && !set.contains(65));
+        set.forget();
+        assert!(!set.contains(16383) && !set.contains(64));
+        // A subscription sent before the forget is not trusted.
+        set.insert(7, g);
+        assert!(!set.contains(7));
+        set.insert(7, set.generation());
+        assert!(set.contains(7));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use redis::{PushInfo, PushKind, Value};
 use uuid::Uuid;
 
 use super::watch::KeyWake;
-use super::{RedisContextStorage, Step};
+use super::{Inner, RedisContextStorage, Step};
 use crate::context::ContextType;
 use crate::remote::{Gate, Gates};
 use crate::storage::Wait;
@@ -53,13 +53,12 @@ pub(super) fn on_push(waits: &WaitRegistry, info: PushInfo) {
     }
 }
 
-impl RedisContextStorage {
+impl Inner {
     /// [`Topology::listen`](super::topology::Topology::listen) for the
     /// key: `true` if it subscribed just now. A failed subscription is
     /// logged and costs only latency: waiters and watchers also poll.
     pub(super) async fn listen(&self, ty: &ContextType, id: Uuid, data_key: &str) -> bool {
-        let inner = &self.inner;
-        match inner.topology.listen(&inner.namespace, data_key).await {
+        match self.topology.listen(&self.namespace, data_key).await {
             Ok(now) => now,
             Err(e) => {
                 tracing::debug!(kind = ty.kind(), %id, error = %e,
@@ -67,6 +66,13 @@ impl RedisContextStorage {
                 false
             }
         }
+    }
+}
+
+impl RedisContextStorage {
+    /// [`Inner::listen`] for the key.
+    pub(super) async fn listen(&self, ty: &ContextType, id: Uuid, data_key: &str) -> bool {
+        self.inner.listen(ty, id, data_key).await
     }
 
     /// Runs `attempt` until it is not `Held`, waiting between tries as
@@ -86,7 +92,6 @@ impl RedisContextStorage {
         let ticket = self.inner.waits.register(data_key.to_owned());
         let entry = ticket.entry().clone();
         let gate = ticket.pass(ty, id, wait).await?;
-        let mut listening = false;
         loop {
             // Listen before trying, so a release between our attempt and
             // our wait is not missed.
@@ -97,13 +102,12 @@ impl RedisContextStorage {
                 Step::Missing => return Err(ty.not_found(id)),
                 Step::Held(pttl) => pttl,
             };
-            if !listening && wait != Wait::Never {
-                listening = true;
-                if self.listen(ty, id, data_key).await {
-                    // Subscribed just now: the release may have been
-                    // published before; look again before waiting.
-                    continue;
-                }
+            // Every time, not once: a dropped connection makes the store
+            // forget its slot subscriptions (see `Topology`).
+            if wait != Wait::Never && self.listen(ty, id, data_key).await {
+                // Subscribed just now: the release may have been published
+                // before; look again before waiting.
+                continue;
             }
             // Fallback poll: at the renewal interval, or when the holder's
             // lease runs out if that is sooner (a crashed holder).

@@ -137,11 +137,18 @@ struct Current {
 type Read = BoxFuture<'static, Result<Option<Current>>>;
 
 /// Marks the key watched and reads it (`None`: no such context).
-fn read(inner: &Inner, ty: &'static ContextType, id: Uuid, data: &str, watched: &str) -> Read {
+/// On a cluster it first makes sure this process hears the key's slot
+/// channel (a dropped connection makes the store forget its slot
+/// subscriptions, and wakes every watch, whose next read subscribes
+/// again).
+fn read(inner: &Arc<Inner>, ty: &'static ContextType, id: Uuid, data: &str, watched: &str) -> Read {
     let mut conn = inner.conn.clone();
+    let inner = inner.clone();
+    let key = data.to_owned();
     let mut call = WATCH.prepare_invoke();
     call.key(data).key(watched).arg(MARK.as_millis() as u64);
     Box::pin(async move {
+        inner.listen(ty, id, &key).await;
         let v: Value = call
             .invoke_async(&mut conn)
             .await
@@ -299,8 +306,7 @@ impl RedisContextStorage {
             stale: false,
             gone: false,
         };
-        // Hear the key's publications before the first read marks it.
-        self.listen(ty, id, &watch.data).await;
+        // The read hears the key's publications before it marks the key.
         let first = read(&self.inner, ty, id, &watch.data, &watch.watched)
             .await?
             .ok_or_else(|| ty.not_found(id))?;
