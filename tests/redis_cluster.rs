@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use ctxstore::{Context, ContextStorageExt, ContextType, RedisContextStorage, Uuid};
-use redis_cluster_common::{keys_per_master, seeds, NEEDS_CLUSTER};
+use redis_cluster_common::{keys_per_master, seeds, slow_polling_store, NEEDS_CLUSTER};
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 struct Job {
@@ -26,18 +26,6 @@ impl Context for Job {
 
 fn namespace() -> String {
     format!("ctxstore-cluster-{}", Uuid::new_v4().simple())
-}
-
-/// A store whose fallback poll (the renewal interval) is 10 s and whose
-/// lease is 30 s: a waiter that is not woken by a publication waits 10 s.
-async fn slow_polling_store(ns: &str) -> RedisContextStorage {
-    RedisContextStorage::cluster_builder(seeds())
-        .namespace(ns)
-        .lease(Duration::from_secs(30))
-        .renewal_interval(Duration::from_secs(10))
-        .connect()
-        .await
-        .expect(NEEDS_CLUSTER)
 }
 
 #[tokio::test]

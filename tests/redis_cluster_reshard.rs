@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 
 use ctxstore::{ContextStorageExt, RedisContextStorage, Uuid};
 use redis_cluster_common::{
-    masters, namespace, seeds, store, values, Counter, Tally, Workers, CONTEXTS, COUNT,
+    first_seed, masters, namespace, seeds, store, values, Counter, Tally, Workers, CONTEXTS, COUNT,
     NEEDS_CLUSTER, PROCESSES,
 };
 
@@ -111,14 +111,7 @@ fn cluster_info(url: &str) -> BTreeMap<String, String> {
 /// The slots each master (`host:port`) serves, from the first seed that
 /// answers; open slots (`[slot->-id]`, `[slot-<-id]`) are not counted.
 fn slot_map() -> BTreeMap<String, BTreeSet<u16>> {
-    let url = seeds()
-        .into_iter()
-        .find(|s| {
-            redis::Client::open(s.as_str())
-                .and_then(|c| c.get_connection())
-                .is_ok()
-        })
-        .expect(NEEDS_CLUSTER);
+    let url = first_seed();
     let mut map = BTreeMap::new();
     for line in cluster_nodes(&url).lines() {
         let fields: Vec<&str> = line.split_whitespace().collect();

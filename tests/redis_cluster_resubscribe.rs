@@ -14,17 +14,7 @@ mod redis_cluster_common;
 use std::time::{Duration, Instant};
 
 use ctxstore::{ContextStorageExt, RedisContextStorage, Uuid};
-use redis_cluster_common::{seeds, Counter, NEEDS_CLUSTER};
-
-async fn slow_polling_store(ns: &str) -> RedisContextStorage {
-    RedisContextStorage::cluster_builder(seeds())
-        .namespace(ns)
-        .lease(Duration::from_secs(30))
-        .renewal_interval(Duration::from_secs(10))
-        .connect()
-        .await
-        .expect(NEEDS_CLUSTER)
-}
+use redis_cluster_common::{slow_polling_store, Counter};
 
 /// Holds `id` in `holder`, lets `waiter` queue for it, releases after a
 /// moment, and returns how long the waiter took after the release.

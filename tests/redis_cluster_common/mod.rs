@@ -34,16 +34,35 @@ pub fn seeds() -> Vec<String> {
     }
 }
 
+/// The first seed that answers.
+pub fn first_seed() -> String {
+    seeds()
+        .into_iter()
+        .find(|seed| {
+            redis::Client::open(seed.as_str())
+                .and_then(|c| c.get_connection())
+                .is_ok()
+        })
+        .expect(NEEDS_CLUSTER)
+}
+
+/// A store whose fallback poll (the renewal interval) is 10 s and whose
+/// lease is 30 s: a waiter that is not woken by a publication waits 10 s.
+pub async fn slow_polling_store(ns: &str) -> RedisContextStorage {
+    RedisContextStorage::cluster_builder(seeds())
+        .namespace(ns)
+        .lease(Duration::from_secs(30))
+        .renewal_interval(Duration::from_secs(10))
+        .connect()
+        .await
+        .expect(NEEDS_CLUSTER)
+}
+
 /// The masters of the cluster not marked as failing (`host:port`), from
 /// `CLUSTER NODES` of the first seed that answers.
 pub fn masters() -> Vec<String> {
-    let mut con = seeds()
-        .iter()
-        .find_map(|seed| {
-            redis::Client::open(seed.as_str())
-                .and_then(|c| c.get_connection())
-                .ok()
-        })
+    let mut con = redis::Client::open(first_seed())
+        .and_then(|c| c.get_connection())
         .expect(NEEDS_CLUSTER);
     let nodes: String = redis::cmd("CLUSTER").arg("NODES").query(&mut con).unwrap();
     nodes
