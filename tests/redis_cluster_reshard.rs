@@ -41,8 +41,8 @@ use std::time::{Duration, Instant};
 
 use ctxstore::{ContextStorageExt, RedisContextStorage, Uuid};
 use redis_cluster_common::{
-    first_seed, masters, namespace, seeds, store, values, Counter, Tally, Workers, CONTEXTS, COUNT,
-    NEEDS_CLUSTER, PROCESSES,
+    first_seed, ids_file, masters, namespace, seeds, store, values, Counter, Tally, Workers,
+    CONTEXTS, COUNT, NEEDS_CLUSTER, PROCESSES,
 };
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/redis-cluster.sh");
@@ -168,9 +168,7 @@ async fn counters(store: &RedisContextStorage, hot: &[u16]) -> (Vec<Uuid>, std::
     for &id in &ids {
         store.store_context(id, Counter { n: 0 }).await.unwrap();
     }
-    let file = std::env::temp_dir().join(format!("{}.ids", store.namespace()));
-    let text: String = ids.iter().map(|id| format!("{id}\n")).collect();
-    std::fs::write(&file, text).expect("write the ids file");
+    let file = ids_file(store, &ids);
     (ids, file)
 }
 

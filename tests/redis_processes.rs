@@ -12,11 +12,12 @@
 //! `CTXSTORE_REDIS_WORKERS` to a prebuilt binary to skip it.
 #![cfg(all(feature = "redis", unix))]
 
+mod redis_workers_exe;
+use redis_workers_exe::worker_exe;
+
 use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use ctxstore::{Context, ContextStorageExt, RedisContextStorage, Uuid};
@@ -35,44 +36,6 @@ impl Context for Counter {
 
 fn url() -> String {
     std::env::var("CTXSTORE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
-}
-
-fn worker_exe() -> &'static PathBuf {
-    static EXE: OnceLock<PathBuf> = OnceLock::new();
-    EXE.get_or_init(|| {
-        if let Ok(path) = std::env::var("CTXSTORE_REDIS_WORKERS") {
-            return PathBuf::from(path);
-        }
-        let me = std::env::current_exe().expect("test executable path");
-        // target/<profile>/deps/<this test> -> target/<profile>
-        let profile_dir = me
-            .parent()
-            .and_then(|deps| deps.parent())
-            .expect("test binary lives in target/<profile>/deps")
-            .to_path_buf();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-        let mut build = Command::new(cargo);
-        build.current_dir(env!("CARGO_MANIFEST_DIR")).args([
-            "build",
-            "--example",
-            "redis_workers",
-            "--features",
-            "redis",
-        ]);
-        if profile_dir.ends_with("release") {
-            build.arg("--release");
-        }
-        let status = build
-            .status()
-            .expect("run cargo to build the redis_workers example");
-        assert!(
-            status.success(),
-            "building the redis_workers example failed"
-        );
-        let exe = profile_dir.join("examples").join("redis_workers");
-        assert!(exe.exists(), "no worker binary at {}", exe.display());
-        exe
-    })
 }
 
 struct Worker {

@@ -9,7 +9,6 @@ use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use ctxstore::{Context, ContextStorageExt, RedisContextStorage, Uuid};
@@ -140,45 +139,9 @@ pub fn namespace() -> String {
     format!("ctxstore-test-{}", Uuid::new_v4())
 }
 
-/// The worker binary: `CTXSTORE_REDIS_WORKERS`, else the `redis_workers`
-/// example, built by cargo in the profile of this test binary.
-pub fn worker_exe() -> &'static PathBuf {
-    static EXE: OnceLock<PathBuf> = OnceLock::new();
-    EXE.get_or_init(|| {
-        if let Ok(path) = std::env::var("CTXSTORE_REDIS_WORKERS") {
-            return PathBuf::from(path);
-        }
-        let me = std::env::current_exe().expect("test executable path");
-        // target/<profile>/deps/<this test> -> target/<profile>
-        let profile_dir = me
-            .parent()
-            .and_then(|deps| deps.parent())
-            .expect("test binary lives in target/<profile>/deps")
-            .to_path_buf();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-        let mut build = Command::new(cargo);
-        build.current_dir(env!("CARGO_MANIFEST_DIR")).args([
-            "build",
-            "--example",
-            "redis_workers",
-            "--features",
-            "redis",
-        ]);
-        if profile_dir.ends_with("release") {
-            build.arg("--release");
-        }
-        let status = build
-            .status()
-            .expect("run cargo to build the redis_workers example");
-        assert!(
-            status.success(),
-            "building the redis_workers example failed"
-        );
-        let exe = profile_dir.join("examples").join("redis_workers");
-        assert!(exe.exists(), "no worker binary at {}", exe.display());
-        exe
-    })
-}
+#[path = "../redis_workers_exe/mod.rs"]
+mod redis_workers_exe;
+pub use redis_workers_exe::worker_exe;
 
 /// `spread` worker processes; their stdout lines arrive on one channel as
 /// `(worker, Some(line))`, and `(worker, None)` at the end of its stdout.
@@ -390,10 +353,17 @@ pub async fn counters(store: &RedisContextStorage) -> (Vec<Uuid>, PathBuf) {
     for &id in &ids {
         store.store_context(id, Counter { n: 0 }).await.unwrap();
     }
+    let file = ids_file(store, &ids);
+    (ids, file)
+}
+
+/// A file listing `ids` one a line (the `spread` workers' `--ids`), named
+/// after the store's namespace.
+pub fn ids_file(store: &RedisContextStorage, ids: &[Uuid]) -> PathBuf {
     let file = std::env::temp_dir().join(format!("{}.ids", store.namespace()));
     let text: String = ids.iter().map(|id| format!("{id}\n")).collect();
     std::fs::write(&file, text).expect("write the ids file");
-    (ids, file)
+    file
 }
 
 /// The counters' values.
