@@ -310,6 +310,17 @@ M = {
    """        if self.state.fetch_or(DEAD, Ordering::Release) & WATCHED != 0 {
             self.wake_watchers(Budget::All);
         }""", "        self.state.fetch_or(DEAD, Ordering::Release);")]),
+ # AK: a release that hands the lock over does not mark it HANDED (only a
+ # hint for spinners, but the mark must say how the holder got the lock)
+ "AK_handoff_not_marked": (PARK, [(
+   "let flip = (if s & HANDED == 0 { HANDED } else { 0 })",
+   "let flip = 0")]),
+ # AL: the release that frees a lock it was handed (nobody queued) keeps
+ # the HANDED mark: a free lock marked handed, and every later release takes
+ # the slow path and every newcomer queues without spinning
+ "AL_free_keeps_handed": (PARK, [(
+   "                s & !(LOCKED | HANDED),\n                Ordering::Release,",
+   "                s & !LOCKED,\n                Ordering::Release,")]),
 }
 
 if sys.argv[1] == "list":

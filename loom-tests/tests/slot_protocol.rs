@@ -130,6 +130,7 @@ fn poll_once<F: Future + Unpin>(fut: &mut F) -> Poll<F::Output> {
 /// (`QUEUED` implies `LOCKED`), not dead.
 fn assert_free(slot: &Slot<Val>) {
     assert!(!slot.is_locked(), "the lock leaked");
+    assert!(!slot.is_handed(), "a free lock is still marked HANDED");
     assert!(!slot.is_dead());
     slot.try_lock().expect("a free lock is acquirable").unlock();
 }
@@ -559,6 +560,37 @@ fn fifo_handoff_order() {
             h.join().unwrap();
         }
         assert_eq!(excl.enter(|v| *v), 3);
+        assert_free(&slot);
+    });
+}
+
+/// A release that hands the lock to a queued waiter marks it `HANDED` for
+/// as long as that waiter holds it (a newcomer then queues at once instead
+/// of spinning for a holder that may not be running), and the release that
+/// frees it clears the mark. A newcomer's `try_lock` races the hand-over
+/// and the holder's release: if it wins, the lock it holds is not marked.
+#[test]
+fn the_handed_mark_covers_exactly_a_hand_over() {
+    check("the_handed_mark_covers_exactly_a_hand_over", || {
+        let (slot, held) = Slot::new_locked(val(0, 0), 1);
+        let mut waiter = slot.lock();
+        assert!(poll_once(&mut waiter).is_pending());
+        let newcomer = thread::spawn({
+            let slot = slot.clone();
+            move || {
+                if let Ok(got) = slot.try_lock() {
+                    assert!(!slot.is_handed(), "a newcomer holds a lock marked HANDED");
+                    drop(got);
+                }
+            }
+        });
+        drop(held);
+        let got = block_on(waiter).expect("never deleted");
+        // Only a hand-over marks it (in the wake policy the waiter took a
+        // freed lock).
+        assert_eq!(slot.is_handed(), handoff(), "HANDED does not match how the lock came");
+        drop(got);
+        newcomer.join().unwrap();
         assert_free(&slot);
     });
 }

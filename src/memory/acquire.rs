@@ -188,7 +188,8 @@ impl Acquire {
         let tried = {
             let mut tried = tried;
             let backoff = crossbeam_utils::Backoff::new();
-            while tried == Outcome::Busy && !backoff.is_completed() {
+            // As a task's spin: not for a lock handed to a waiter.
+            while tried == Outcome::Busy && !backoff.is_completed() && !self.lock().handed() {
                 backoff.snooze();
                 tried = self.lock().try_lock();
             }

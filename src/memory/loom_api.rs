@@ -91,6 +91,11 @@ impl<T: Context> Slot<T> {
         self.0.lock.is_dead()
     }
 
+    /// Whether the lock is held by a waiter it was handed to (`HANDED`).
+    pub fn is_handed(&self) -> bool {
+        self.0.lock.handed()
+    }
+
     /// `RawLock::try_lock`: one CAS, never queues.
     pub fn try_lock(&self) -> std::result::Result<Locked<T>, Refused> {
         match self.0.lock.try_lock() {
