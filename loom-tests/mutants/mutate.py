@@ -168,8 +168,8 @@ M = {
  # S: a woken waiter that lost the race re-queues at the back (waiters
  # overtake each other)
  "S_woken_requeues_at_back": (PARK, [(
-   "Place::Front => queue.push_front(waiter),",
-   "Place::Front => queue.push_back(waiter),")]),
+   "Place::Arrival => queue.push_by_arrival(waiter),",
+   "Place::Arrival => queue.push_back(waiter),")]),
  # T: `park::complete` takes a thread's registration (`Notify::Thread`) out
  # of the node like a waker: a thread waiter that was woken, lost the race
  # and re-queued is never woken again (the bug the wake policy found in the
@@ -321,6 +321,12 @@ M = {
  "AL_free_keeps_handed": (PARK, [(
    "                s & !(LOCKED | HANDED),\n                Ordering::Release,",
    "                s & !LOCKED,\n                Ordering::Release,")]),
+ # AM: a woken waiter that lost the race re-queues at the front (the
+ # engine before arrival tickets): two woken losers end up in the order they
+ # lost, so the head need not be the oldest waiter
+ "AM_woken_requeues_at_front": (PARK, [(
+   "while !next.is_null() && (*next).with_node(|n| n.ticket) < ticket {",
+   "while false && !next.is_null() && (*next).with_node(|n| n.ticket) < ticket {")]),
 }
 
 if sys.argv[1] == "list":

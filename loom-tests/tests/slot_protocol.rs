@@ -764,6 +764,68 @@ fn woken_waiter_keeps_its_place() {
     });
 }
 
+/// Two woken waiters that both lose the free lock to newcomers go back in
+/// arrival order, whatever order they lose in: `a` and `b` are woken by two
+/// releases before either runs, `a` loses first and `b` second, and the
+/// next release serves `a` (the oldest), not the last loser. A third,
+/// never woken waiter `c` stays behind both. With hand-off the three are
+/// served in order and newcomers are refused.
+#[test]
+fn woken_waiters_requeue_in_arrival_order() {
+    check("woken_waiters_requeue_in_arrival_order", || {
+        let (slot, held) = Slot::new_locked(val(0, 0), 1);
+        let mut a = slot.lock();
+        let mut b = slot.lock();
+        let mut c = slot.lock();
+        for w in [&mut a, &mut b, &mut c] {
+            assert!(poll_once(w).is_pending());
+        }
+        if handoff() {
+            // A newcomer racing the hand-overs is refused until the end.
+            let racer = {
+                let slot = slot.clone();
+                thread::spawn(move || {
+                    if let Ok(got) = slot.try_lock() {
+                        drop(got);
+                    }
+                })
+            };
+            drop(held);
+            for w in [&mut a, &mut b, &mut c] {
+                match poll_once(w) {
+                    Poll::Ready(Some(got)) => drop(got),
+                    _ => panic!("served out of arrival order"),
+                }
+            }
+            racer.join().unwrap();
+        } else {
+            // The release wakes `a`; a newcomer takes the lock and its
+            // release wakes `b`; a second newcomer holds it while `a`, then
+            // `b` run and lose.
+            drop(held);
+            let n1 = slot.try_lock().expect("a free lock can be taken");
+            drop(n1);
+            let n2 = slot.try_lock().expect("a free lock can be taken");
+            assert!(poll_once(&mut a).is_pending(), "two holders");
+            assert!(poll_once(&mut b).is_pending(), "two holders");
+            drop(n2);
+            // That release woke the head: it must be `a`.
+            assert!(
+                poll_once(&mut b).is_pending(),
+                "the last loser overtook an older waiter"
+            );
+            assert!(poll_once(&mut c).is_pending(), "overtaken by the newest");
+            for w in [&mut a, &mut b, &mut c] {
+                match poll_once(w) {
+                    Poll::Ready(Some(got)) => drop(got),
+                    _ => panic!("served out of arrival order"),
+                }
+            }
+        }
+        assert_free(&slot);
+    });
+}
+
 /// A watcher waiting for each newer version while two writers (one
 /// contending, so one release takes the queue path) commit: it is woken
 /// every time (a lost wake-up is a loom deadlock), sees versions only

@@ -12,7 +12,7 @@
 //! Idle --try (spin)--> Locked | Dead
 //!   \--busy: enqueue at the back--> Queued
 //! Queued --GRANTED--> Locked      --KILLED--> Dead
-//!   \--WOKEN: try; lost: re-queue at the front--> Queued
+//!   \--WOKEN: try; lost: re-queue by arrival--> Queued
 //!   \--still WAITING: (task) refresh the waker under the queue mutex
 //! ```
 //!
@@ -144,8 +144,8 @@ impl Acquire {
                 KILLED => return Outcome::Dead,
                 WOKEN => {
                     // A release freed the lock for us to compete for: take
-                    // it, or go back to the front of the queue (keeping our
-                    // arrival time).
+                    // it, or go back to our place in the queue (by our
+                    // arrival ticket, keeping our arrival time).
                     let tried = self.lock().try_lock();
                     if tried != Outcome::Busy {
                         return tried;
@@ -159,7 +159,7 @@ impl Acquire {
                         };
                     }
                     // SAFETY: as in `first`.
-                    return unsafe { self.lock().enqueue(&self.waiter, Place::Front) };
+                    return unsafe { self.lock().enqueue(&self.waiter, Place::Arrival) };
                 }
                 WAITING => match by {
                     // Make sure the completion wakes this poll's waker: the

@@ -46,8 +46,9 @@
 //! * it has waited less than the store's fairness bound ([`FAIR_AFTER`] by
 //!   default): the release frees the lock and
 //!   wakes it (`WOKEN`); it competes for the lock like a newcomer, and if it
-//!   loses it goes back to the *front* of the queue, keeping its arrival
-//!   time;
+//!   loses it goes back to its place by arrival (ahead of everyone who
+//!   queued after it, [`Place::Arrival`]), keeping its arrival time, so the
+//!   head is always the oldest waiter;
 //! * it has waited the bound or more: the release *hands the lock over*
 //!   (`GRANTED`, `LOCKED` never cleared), so nobody can barge past it. It
 //!   also marks the lock [`HANDED`]: the new holder may be a task that waits
@@ -158,7 +159,7 @@ pub(crate) const KILLED: u8 = 2;
 /// The waiter gave up (dropped future, timeout) and left the queue.
 pub(crate) const CANCELLED: u8 = 3;
 /// A release freed the lock and woke this waiter, which left the queue: it
-/// must try to take the lock and re-queue (at the front) if it loses.
+/// must try to take the lock and re-queue (by arrival) if it loses.
 pub(crate) const WOKEN: u8 = 4;
 /// Never queued yet (or, for a watcher: not linked).
 pub(crate) const IDLE: u8 = 5;
@@ -195,6 +196,9 @@ pub(crate) struct Node {
     /// path plus the store's fairness bound (kept when it re-queues after a
     /// wake-up).
     since: Since,
+    /// Its arrival order in the queue (given when it first queues, kept when
+    /// it re-queues after a wake-up; see [`Place::Arrival`]).
+    ticket: u64,
 }
 
 // SAFETY: `node` is accessed by the owner only while the waiter is not
@@ -215,6 +219,7 @@ impl Waiter {
                 next: ptr::null(),
                 notify: Notify::None,
                 since,
+                ticket: 0,
             }),
             _pinned: PhantomPinned,
         }
@@ -310,10 +315,16 @@ pub(crate) enum Outcome {
 /// Where a waiter joins the queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Place {
-    /// A new waiter.
+    /// A new waiter: at the back, with the next arrival ticket.
     Back,
-    /// A woken waiter that lost the race for the lock: it is the oldest.
-    Front,
+    /// A woken waiter that lost the race for the lock: back to its place by
+    /// arrival, ahead of every waiter that queued after it. Not simply the
+    /// front: several waiters can be woken before any of them runs, and if
+    /// each went to the front when it lost, the last to lose (not the
+    /// oldest) would head the queue, and the fairness bound, which a
+    /// release checks on the head, would let the oldest wait longer than
+    /// the bound.
+    Arrival,
 }
 
 /// The wait queue: a doubly linked list through the waiters' nodes. Only
@@ -323,6 +334,8 @@ struct List {
     tail: *const Waiter,
     /// How many waiters are linked (bounds a release's watcher wake-ups).
     len: usize,
+    /// The next arrival ticket ([`Node::ticket`]).
+    tickets: u64,
 }
 
 // SAFETY: the pointers are dereferenced only under the mutex that owns the
@@ -335,6 +348,7 @@ impl List {
             head: ptr::null(),
             tail: ptr::null(),
             len: 0,
+            tickets: 0,
         }
     }
 
@@ -366,20 +380,46 @@ impl List {
         self.len += 1;
     }
 
-    unsafe fn push_front(&mut self, w: *const Waiter) {
-        let head = self.head;
+    /// [`push_back`](Self::push_back) with the next arrival ticket.
+    unsafe fn push_new(&mut self, w: *const Waiter) {
+        let ticket = self.tickets;
+        self.tickets += 1;
         // SAFETY: see `push_back`.
         unsafe {
-            (*w).with_node(|n| {
-                n.prev = ptr::null();
-                n.next = head;
+            (*w).with_node(|n| n.ticket = ticket);
+            self.push_back(w);
+        }
+    }
+
+    /// Links `w` before the first waiter that arrived after it (see
+    /// [`Place::Arrival`]). The walk passes only waiters that arrived
+    /// before `w` and were woken and re-queued too, since new waiters join
+    /// at the back: usually none.
+    unsafe fn push_by_arrival(&mut self, w: *const Waiter) {
+        // SAFETY: see `push_back`; linked waiters are alive.
+        unsafe {
+            let ticket = (*w).with_node(|n| n.ticket);
+            let mut next = self.head;
+            while !next.is_null() && (*next).with_node(|n| n.ticket) < ticket {
+                next = (*next).with_node(|n| n.next);
+            }
+            if next.is_null() {
+                return self.push_back(w);
+            }
+            let prev = (*next).with_node(|n| {
+                let prev = n.prev;
+                n.prev = w;
+                prev
             });
-            match head.is_null() {
-                true => self.tail = w,
-                false => (*head).with_node(|n| n.prev = w),
+            (*w).with_node(|n| {
+                n.prev = prev;
+                n.next = next;
+            });
+            match prev.is_null() {
+                true => self.head = w,
+                false => (*prev).with_node(|n| n.next = w),
             }
         }
-        self.head = w;
         self.len += 1;
     }
 
@@ -432,9 +472,9 @@ impl List {
 pub(crate) struct RawLock {
     state: AtomicU64,
     // Invariant: links exactly the `WAITING` waiters of this lock, in
-    // arrival order (a woken waiter that re-queues goes back to the front);
-    // non-empty exactly when `QUEUED` is set (both changed under this
-    // mutex).
+    // arrival order (a woken waiter that re-queues goes back to its place
+    // by arrival); non-empty exactly when `QUEUED` is set (both changed
+    // under this mutex).
     queue: Mutex<List>,
     // Invariant: links exactly the `WAITING` watchers (see the module docs,
     // "Watchers"); non-empty exactly when `WATCHED` is set (both changed
@@ -548,8 +588,8 @@ impl RawLock {
                         // queue mutex.
                         unsafe {
                             match place {
-                                Place::Back => queue.push_back(waiter),
-                                Place::Front => queue.push_front(waiter),
+                                Place::Back => queue.push_new(waiter),
+                                Place::Arrival => queue.push_by_arrival(waiter),
                             }
                         }
                         return Outcome::Busy;
