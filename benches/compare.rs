@@ -41,7 +41,10 @@
 //!   4 tasks snapshot it: snapshot latency p50/p99/p99.9/max and rate.
 //! * `W1_fairness`: every mutation's wait under W1 (p50/p99/p99.9/max); it
 //!   also checks that no update was lost, and reports the optimistic
-//!   contender's retries per commit.
+//!   contender's retries per commit. One more row, `ctxstore_fifo`, is
+//!   `ctxstore` with strict FIFO hand-off (`with_fairness_bound(ZERO)`).
+//!   `CTXSTORE_BENCH_FAIR_US=<µs>` sets the bound of every other ctxstore
+//!   contender (default: the store's, 0.5 ms).
 //! * `W6_rss`: resident memory before and after 1,000,000 lifecycles, each
 //!   contender in a fresh child process.
 //!
@@ -242,16 +245,26 @@ trait Contender<V: Value>: Send + Sync + Sized + 'static {
 
 type TokioMutex<T> = tokio::sync::Mutex<T>;
 
+/// The in-memory store every ctxstore contender uses;
+/// `CTXSTORE_BENCH_FAIR_US=<µs>` sets its fairness bound (default: the
+/// store's own, 0.5 ms), for exploring the throughput/tail trade-off of W1.
+fn ctxstore_store(n: usize) -> InMemoryContextStorage {
+    let store = InMemoryContextStorage::with_capacity(n);
+    match std::env::var("CTXSTORE_BENCH_FAIR_US") {
+        Ok(us) => store.with_fairness_bound(Duration::from_micros(
+            us.parse().expect("CTXSTORE_BENCH_FAIR_US: microseconds"),
+        )),
+        Err(_) => store,
+    }
+}
+
 struct Ctxstore<V>(InMemoryContextStorage, std::marker::PhantomData<V>);
 
 impl<V: Value> Contender<V> for Ctxstore<V> {
     const NAME: &'static str = "ctxstore";
 
     fn with_capacity(n: usize) -> Self {
-        Ctxstore(
-            InMemoryContextStorage::with_capacity(n),
-            std::marker::PhantomData,
-        )
+        Ctxstore(ctxstore_store(n), std::marker::PhantomData)
     }
 
     async fn store(&self, id: Uuid, v: V) {
@@ -291,10 +304,7 @@ impl<V: Value> Contender<V> for CtxstoreGuard<V> {
     const NAME: &'static str = "ctxstore_guard";
 
     fn with_capacity(n: usize) -> Self {
-        CtxstoreGuard(
-            InMemoryContextStorage::with_capacity(n),
-            std::marker::PhantomData,
-        )
+        CtxstoreGuard(ctxstore_store(n), std::marker::PhantomData)
     }
 
     async fn store(&self, id: Uuid, v: V) {
@@ -366,7 +376,7 @@ impl<V: Value> Contender<V> for CtxstoreOptimistic<V> {
 
     fn with_capacity(n: usize) -> Self {
         CtxstoreOptimistic {
-            store: InMemoryContextStorage::with_capacity(n),
+            store: ctxstore_store(n),
             retries: CachePadded::new(AtomicU64::new(0)),
             _v: std::marker::PhantomData,
         }
@@ -1153,7 +1163,19 @@ fn w1_fairness<C: Contender<V>, V: Value>(
     sz: Sizes,
     out: &mut Vec<serde_json::Value>,
 ) {
-    let c = Arc::new(C::with_capacity(16));
+    w1_fairness_of(C::NAME, C::with_capacity(16), rt, sz, out);
+}
+
+/// [`w1_fairness`] for one store, reported under `name` (the `ctxstore_fifo`
+/// row is `ctxstore` with strict FIFO hand-off).
+fn w1_fairness_of<C: Contender<V>, V: Value>(
+    name: &'static str,
+    c: C,
+    rt: &Runtime,
+    sz: Sizes,
+    out: &mut Vec<serde_json::Value>,
+) {
+    let c = Arc::new(c);
     let key = Uuid::from_u64_pair(1, 1);
     rt.block_on(c.store(key, V::fresh(1)));
     let per = sz.fair_per_task;
@@ -1166,7 +1188,7 @@ fn w1_fairness<C: Contender<V>, V: Value>(
                     let mut lat = Vec::with_capacity(per as usize);
                     for _ in 0..per {
                         let t = Instant::now();
-                        assert!(c.mutate(key).await, "{}: hot key vanished", C::NAME);
+                        assert!(c.mutate(key).await, "{name}: hot key vanished");
                         lat.push(t.elapsed().as_nanos() as u64);
                     }
                     lat
@@ -1182,19 +1204,14 @@ fn w1_fairness<C: Contender<V>, V: Value>(
     let run = start.elapsed();
     let total = TASKS as u64 * per;
     let seen = rt.block_on(c.snapshot(key));
-    assert_eq!(
-        seen,
-        Some(total),
-        "{}: lost updates under the hot key",
-        C::NAME
-    );
-    let mut j = latency_json(C::NAME, lat, run);
+    assert_eq!(seen, Some(total), "{name}: lost updates under the hot key");
+    let mut j = latency_json(name, lat, run);
     j["ops"] = total.into();
     if let Some(retries) = c.retries() {
         j["retries"] = retries.into();
         j["retries_per_commit"] = (retries as f64 / total as f64).into();
     }
-    println!("W1_fairness/{:<16} {}", C::NAME, j);
+    println!("W1_fairness/{name:<16} {j}");
     out.push(j);
 }
 
@@ -1543,6 +1560,16 @@ fn main() {
     if wanted("W1_fairness") {
         let mut rows = Vec::new();
         for_each_contender!(JobCtx, w1_fairness(&rt, sizes, &mut rows));
+        // The tail of strict FIFO hand-off, for comparison with the bounded
+        // fairness of the default store and with tokio's FIFO mutex.
+        let fifo = InMemoryContextStorage::with_capacity(16).with_fairness_bound(Duration::ZERO);
+        w1_fairness_of::<Ctxstore<JobCtx>, JobCtx>(
+            "ctxstore_fifo",
+            Ctxstore(fifo, std::marker::PhantomData),
+            &rt,
+            sizes,
+            &mut rows,
+        );
         if !test_mode {
             write_extras("W1_fairness", rows, &meta);
         }

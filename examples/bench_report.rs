@@ -396,7 +396,7 @@ fn run() -> Result<(), String> {
              |---|---:|---:|---:|---:|---:|---:|"
         )
         .unwrap();
-        for c in CONTENDERS {
+        for c in CONTENDERS.iter().chain(&["ctxstore_fifo"]) {
             if let Some(r) = extra(&fair, c) {
                 let f = |k: &str| r[k].as_f64().unwrap_or(0.0);
                 let retries = r["retries_per_commit"]
@@ -414,13 +414,19 @@ fn run() -> Result<(), String> {
                 .unwrap();
             }
         }
-        if let (Some(ours), Some(tokio)) = (extra(&fair, "ctxstore"), extra(&fair, "dashmap_mutex"))
-        {
+        for (ours, how) in [
+            ("ctxstore", "bounded fairness (default)"),
+            ("ctxstore_fifo", "strict FIFO (`with_fairness_bound(ZERO)`)"),
+        ] {
+            let (Some(ours), Some(tokio)) = (extra(&fair, ours), extra(&fair, "dashmap_mutex"))
+            else {
+                continue;
+            };
             let f = |r: &Value, k: &str| r[k].as_f64().unwrap_or(f64::MAX);
             let ok = f(ours, "p999_ns") <= f(tokio, "p999_ns")
                 && f(ours, "max_ns") <= f(tokio, "max_ns");
             targets.push((
-                "W1 fairness: p99.9 and max wait ≤ tokio's mutex (dashmap_mutex)".into(),
+                format!("W1 fairness, {how}: p99.9 and max wait ≤ tokio's mutex (dashmap_mutex)"),
                 ok,
                 format!(
                     "p99.9 {} vs {}, max {} vs {}",
