@@ -588,7 +588,11 @@ fn the_handed_mark_covers_exactly_a_hand_over() {
         let got = block_on(waiter).expect("never deleted");
         // Only a hand-over marks it (in the wake policy the waiter took a
         // freed lock).
-        assert_eq!(slot.is_handed(), handoff(), "HANDED does not match how the lock came");
+        assert_eq!(
+            slot.is_handed(),
+            handoff(),
+            "HANDED does not match how the lock came"
+        );
         drop(got);
         newcomer.join().unwrap();
         assert_free(&slot);
